@@ -1,0 +1,14 @@
+"""densenet-jax: DenseNet in JAX/Flax, numerically faithful to torchvision."""
+
+from densenet_jax.models import DenseBlock as DenseBlock
+from densenet_jax.models import DenseLayer as DenseLayer
+from densenet_jax.models import DenseNet as DenseNet
+from densenet_jax.models import DenseNet121 as DenseNet121
+from densenet_jax.models import DenseNet161 as DenseNet161
+from densenet_jax.models import DenseNet169 as DenseNet169
+from densenet_jax.models import DenseNet201 as DenseNet201
+from densenet_jax.models import DenseNet264 as DenseNet264
+from densenet_jax.models import Transition as Transition
+from densenet_jax.models import densenet_cifar as densenet_cifar
+
+__version__ = '0.1.0'

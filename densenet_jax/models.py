@@ -1,0 +1,365 @@
+"""DenseNet (Huang et al., 2017, https://arxiv.org/abs/1608.06993) in Flax.
+
+The modules mirror torchvision's `torchvision.models.densenet` part for part and
+name for name (`conv0`, `norm0`, `denseblock1/denselayer1/norm1`, `transition1/conv`,
+`norm5`, `classifier`), so that porting weights is a plain name map and the
+numbers are the same. Layout is NHWC; BatchNorm state lives in `batch_stats`.
+
+Example:
+  >>> model = DenseNet121(num_classes=10)
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+  >>> logits = model.apply(variables, images, train=False)
+  >>> logits, updates = model.apply(variables, images, train=True,
+  ...                               mutable=['batch_stats'])
+"""
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+ModuleDef = Any
+Dtype = Any
+
+# torchvision initialises convolutions with `kaiming_normal_` (fan-in, gain sqrt(2),
+# untruncated) and the classifier with torch's default Linear init, U(+-1/sqrt(fan_in)).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+# Name of the saved residual in memory-efficient mode (see `DenseBlock`).
+BOTTLENECK_OUTPUT = 'bottleneck_output'
+
+
+class DenseLayer(nn.Module):
+  """BN-ReLU-1x1 conv (the bottleneck, `bn_size * growth_rate` channels)-BN-ReLU-3x3 conv.
+
+  Without a bottleneck (`bn_size=None`, the paper's plain DenseNet) the layer is
+  BN-ReLU-3x3 conv, named `norm1`/`conv1`.
+
+  Attributes:
+    growth_rate: channels each layer adds (k).
+    bn_size: bottleneck width as a multiple of `growth_rate`; None for no bottleneck.
+    drop_rate: dropout rate on the layer's new features (torchvision's `drop_rate`).
+    conv: convolution constructor (no bias).
+    norm: BatchNorm constructor without `use_running_average`.
+  """
+
+  growth_rate: int
+  bn_size: int | None
+  drop_rate: float
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
+    """Returns the `growth_rate` new channels computed from all earlier `features`."""
+    norm = partial(self.norm, use_running_average=not train)
+    # The layer takes the list of earlier feature maps, not their concatenation, so that
+    # in memory-efficient mode the concatenation is recomputed instead of stored.
+    x = jnp.concatenate(features, axis=-1)
+    x = nn.relu(norm(name='norm1')(x))
+    if self.bn_size is None:
+      x = self.conv(self.growth_rate, (3, 3), padding=1, name='conv1')(x)
+    else:
+      x = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(x)
+      x = checkpoint_name(x, BOTTLENECK_OUTPUT)
+      x = nn.relu(norm(name='norm2')(x))
+      x = self.conv(self.growth_rate, (3, 3), padding=1, name='conv2')(x)
+    if self.drop_rate > 0:
+      x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    return x
+
+
+class DenseBlock(nn.Module):
+  """`num_layers` dense layers, each fed the concatenation of all earlier features.
+
+  With `memory_efficient=True` each layer is wrapped in `nn.remat` with a policy that
+  keeps only the bottleneck's output: the concatenation and BN-ReLU before the 1x1
+  conv (and the cheap BN-ReLU after it) are recomputed in the backward pass, so the
+  memory kept per layer no longer grows with the number of channels seen. This is
+  torchvision's `memory_efficient` (Pleiss et al., 2017), and the numbers are the same.
+  """
+
+  num_layers: int
+  growth_rate: int
+  bn_size: int | None
+  drop_rate: float
+  memory_efficient: bool
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    layer_cls = DenseLayer
+    if self.memory_efficient:
+      layer_cls = nn.remat(
+        DenseLayer,
+        static_argnums=(2,),  # `train`; Flax counts `self` as argument 0.
+        policy=jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT),
+      )
+    features = [x]
+    for i in range(self.num_layers):
+      layer = layer_cls(
+        growth_rate=self.growth_rate,
+        bn_size=self.bn_size,
+        drop_rate=self.drop_rate,
+        conv=self.conv,
+        norm=self.norm,
+        name=f'denselayer{i + 1}',
+      )
+      features.append(layer(features, train))
+    return jnp.concatenate(features, axis=-1)
+
+
+class Transition(nn.Module):
+  """BN-ReLU-1x1 conv to `num_output_features` channels-2x2 average pool."""
+
+  num_output_features: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.relu(self.norm(use_running_average=not train, name='norm')(x))
+    x = self.conv(self.num_output_features, (1, 1), name='conv')(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+
+
+class DenseNet(nn.Module):
+  """DenseNet; the defaults are torchvision's `DenseNet` (= DenseNet-121).
+
+  Attributes:
+    growth_rate: channels each dense layer adds (k).
+    block_config: number of layers in each dense block.
+    num_init_features: channels of the stem convolution.
+    bn_size: bottleneck width as a multiple of `growth_rate`; None for the paper's
+      plain DenseNet layers (BN-ReLU-3x3 conv, no bottleneck).
+    compression: transition compression (theta): a transition keeps
+      `int(channels * compression)` channels.
+    drop_rate: dropout rate after each dense layer (needs a 'dropout' rng in training).
+    num_classes: classifier outputs.
+    stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or 'cifar' (3x3 conv).
+    memory_efficient: recompute each layer's bottleneck in the backward pass instead
+      of storing it (see `DenseBlock`); same numbers, less memory, a little more compute.
+    features_only: return a dict of the per-stage features (torchvision's `features`
+      children names: 'conv0', 'norm0', 'relu0', 'pool0', 'denseblock1',
+      'transition1', ..., 'norm5') instead of logits; no classifier is created.
+      A model built with `features_only=True` applies to a full model's variables.
+    dtype: computation dtype (e.g. jnp.bfloat16).
+    param_dtype: parameter dtype.
+  """
+
+  growth_rate: int = 32
+  block_config: Sequence[int] = (6, 12, 24, 16)
+  num_init_features: int = 64
+  bn_size: int | None = 4
+  compression: float = 0.5
+  drop_rate: float = 0.0
+  num_classes: int = 1000
+  stem: str = 'imagenet'
+  memory_efficient: bool = False
+  features_only: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    # Fail at construction, with the fix, rather than deep inside a trace.
+    _check_positive_int('growth_rate', self.growth_rate)
+    _check_positive_int('num_init_features', self.num_init_features)
+    _check_positive_int('num_classes', self.num_classes)
+    if self.bn_size is not None:
+      _check_positive_int('bn_size (or None for no bottleneck)', self.bn_size)
+    if isinstance(self.block_config, int) or not self.block_config:
+      raise ValueError(
+        f'block_config must be a non-empty sequence of layer counts, one per dense '
+        f'block, e.g. (6, 12, 24, 16); got {self.block_config!r}.'
+      )
+    for num_layers in self.block_config:
+      _check_positive_int('every entry of block_config', num_layers)
+    if not 0.0 < self.compression <= 1.0:
+      raise ValueError(f'compression must be in (0, 1], got {self.compression!r}.')
+    if not 0.0 <= self.drop_rate < 1.0:
+      raise ValueError(f'drop_rate must be in [0, 1), got {self.drop_rate!r}.')
+    if self.stem not in ('imagenet', 'cifar'):
+      raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+    # A tuple keeps the module hashable (a list would not be).
+    object.__setattr__(self, 'block_config', tuple(self.block_config))
+    super().__post_init__()
+
+  def min_input_size(self) -> int:
+    """The smallest image side the network's downsampling leaves at least 1 pixel of."""
+    size = 1
+    while _downsampled_sizes(size, self.stem, len(self.block_config))[-1][1] < 1:
+      size += 1
+    return size
+
+  def _check_input(self, x: jax.Array) -> None:
+    if x.ndim != 4:
+      raise ValueError(
+        f'DenseNet expects a batch of NHWC images (batch, height, width, channels), got '
+        f'shape {tuple(x.shape)}. For one image add a batch axis (x[None]); a torch '
+        f'NCHW batch becomes NHWC with x.transpose(0, 2, 3, 1).'
+      )
+    params = self.variables.get('params', {})
+    if 'conv0' in params:
+      expected = params['conv0']['kernel'].shape[2]
+      if x.shape[-1] != expected:
+        raise ValueError(
+          f'Input has {x.shape[-1]} channels (shape {tuple(x.shape)}, NHWC) but the '
+          f'parameters were initialized for {expected}-channel input. Feed '
+          f'{expected}-channel NHWC images (e.g. repeat grayscale to RGB, or transpose '
+          f'NCHW to NHWC), or initialize the model with {x.shape[-1]}-channel input.'
+        )
+    for axis, side in (('height', x.shape[1]), ('width', x.shape[2])):
+      for stage, size in _downsampled_sizes(side, self.stem, len(self.block_config)):
+        if size < 1:
+          raise ValueError(
+            f'Input {axis} {side} is too small for this DenseNet: its downsampling '
+            f'leaves nothing at {stage}. Use images of at least '
+            f'{self.min_input_size()}x{self.min_input_size()} pixels (resize or pad '
+            f'them), or a model with fewer dense blocks.'
+          )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array | dict[str, jax.Array]:
+    """Applies the network.
+
+    Args:
+      x: images, NHWC, any number of channels (fixed at initialization).
+      train: batch statistics and dropout if True (call with
+        `mutable=['batch_stats']` to get the updated running averages); running
+        averages if False.
+
+    Returns:
+      Logits `(batch, num_classes)` in `dtype`, or with `features_only` a dict of the
+      per-stage feature maps.
+    """
+    self._check_input(x)
+    conv = partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=conv_kernel_init,
+    )
+    # PyTorch's BN momentum 0.1 is Flax's 0.9 (the weight of the running average).
+    norm = partial(
+      nn.BatchNorm,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    features = {}
+    x = jnp.asarray(x, self.dtype)
+    if self.stem == 'imagenet':
+      x = features['conv0'] = conv(self.num_init_features, (7, 7), (2, 2), 3, name='conv0')(x)
+      x = features['norm0'] = norm(use_running_average=not train, name='norm0')(x)
+      x = features['relu0'] = nn.relu(x)
+      x = features['pool0'] = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    else:
+      x = features['conv0'] = conv(self.num_init_features, (3, 3), padding=1, name='conv0')(x)
+
+    num_features = self.num_init_features
+    for i, num_layers in enumerate(self.block_config):
+      x = features[f'denseblock{i + 1}'] = DenseBlock(
+        num_layers=num_layers,
+        growth_rate=self.growth_rate,
+        bn_size=self.bn_size,
+        drop_rate=self.drop_rate,
+        memory_efficient=self.memory_efficient,
+        conv=conv,
+        norm=norm,
+        name=f'denseblock{i + 1}',
+      )(x, train)
+      num_features += num_layers * self.growth_rate
+      if i != len(self.block_config) - 1:
+        num_features = int(num_features * self.compression)
+        x = features[f'transition{i + 1}'] = Transition(
+          num_features, conv=conv, norm=norm, name=f'transition{i + 1}'
+        )(x, train)
+    x = features['norm5'] = norm(use_running_average=not train, name='norm5')(x)
+    if self.features_only:
+      return features
+
+    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    return nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=dense_kernel_init,
+      name='classifier',
+    )(x)
+
+
+def _downsampled_sizes(size: int, stem: str, num_blocks: int) -> list[tuple[str, int]]:
+  """The spatial size after each downsampling stage, as (stage name, size)."""
+  sizes = []
+  if stem == 'imagenet':
+    size = (size + 2 * 3 - 7) // 2 + 1  # 7x7/2 conv, padding 3.
+    sizes.append(('conv0', size))
+    size = (size + 2 * 1 - 3) // 2 + 1  # 3x3/2 max pool, padding 1.
+    sizes.append(('pool0', size))
+  for i in range(1, num_blocks):
+    size //= 2  # 2x2/2 average pool.
+    sizes.append((f'transition{i}', size))
+  return sizes
+
+
+# torchvision's configurations; DenseNet-264 is the paper's (growth 32, 6-12-64-48).
+DenseNet121 = partial(DenseNet, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
+DenseNet161 = partial(DenseNet, growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96)
+DenseNet169 = partial(DenseNet, growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64)
+DenseNet201 = partial(DenseNet, growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64)
+DenseNet264 = partial(DenseNet, growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64)
+
+
+def densenet_cifar(
+  depth: int, growth_rate: int, bc: bool = True, num_classes: int = 10, **kwargs: Any
+) -> DenseNet:
+  """The paper's CIFAR/SVHN networks: DenseNet (L, k) or DenseNet-BC (L, k).
+
+  Three dense blocks of equal size after a 3x3 stem conv. A plain DenseNet has
+  (L - 4) / 3 layers per block (BN-ReLU-3x3 conv), 16 stem channels and no
+  compression; DenseNet-BC has (L - 4) / 6 bottleneck layers per block, 2k stem
+  channels and compression 0.5.
+
+  Args:
+    depth: L, the number of layers with weights (convolutions and the classifier).
+    growth_rate: k.
+    bc: DenseNet-BC (bottleneck + compression) if True, plain DenseNet if False.
+    num_classes: classifier outputs.
+    **kwargs: any other `DenseNet` attribute (drop_rate, memory_efficient, dtype, ...).
+
+  Returns:
+    The configured (unbound) `DenseNet`.
+  """
+  # Each dense layer has 2 convolutions in DenseNet-BC, 1 in DenseNet; the other 4 layers
+  # with weights are the stem conv, 2 transition convs and the classifier.
+  step = 3 * (2 if bc else 1)
+  if not isinstance(depth, int) or depth < 4 + step or (depth - 4) % step:
+    examples = ', '.join(str(step * n + 4) for n in (1, 2, 6, 16))
+    raise ValueError(
+      f'depth {depth!r} does not fit the CIFAR DenseNet{"-BC" if bc else ""} rule '
+      f'depth = {step} * layers_per_block + 4; use one of {examples}, ... (the paper uses '
+      '40 and 100 for DenseNet, 100, 190 and 250 for DenseNet-BC).'
+    )
+  return DenseNet(
+    growth_rate=growth_rate,
+    block_config=((depth - 4) // step,) * 3,
+    num_init_features=2 * growth_rate if bc else 16,
+    bn_size=4 if bc else None,
+    compression=0.5 if bc else 1.0,
+    num_classes=num_classes,
+    stem='cifar',
+    **kwargs,
+  )

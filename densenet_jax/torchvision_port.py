@@ -1,0 +1,233 @@
+"""Weights between torchvision's DenseNet state dicts and densenet-jax variables.
+
+The map is explicit and total: every torchvision key has one place in the Flax
+variables and back.
+
+    torchvision key                                    Flax variable
+    features.conv0.weight            (O, I, H, W)      params/conv0/kernel      (H, W, I, O)
+    features.norm0.weight / .bias                      params/norm0/scale, bias
+    features.norm0.running_mean / .running_var         batch_stats/norm0/mean, var
+    features.norm0.num_batches_tracked                 (not kept; see to_torchvision)
+    features.denseblock1.denselayer1.conv1.weight      params/denseblock1/denselayer1/conv1/kernel
+    features.transition1.norm.weight                   params/transition1/norm/scale
+    classifier.weight                (out, in)         params/classifier/kernel (in, out)
+
+The weight files torchvision publishes use legacy names inside dense layers
+(`denselayer1.norm.1.weight`, `conv.2.weight`); they load too.
+
+A running variance crosses unchanged: both frameworks normalize by it in eval mode,
+so eval logits agree. They differ only in how training updates it: PyTorch folds in
+the unbiased batch variance (times n / (n - 1), n = batch * height * width), Flax the
+biased one.
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from densenet_jax.models import DenseNet
+
+# torchvision's own fix-up for its published files: 'denselayer1.norm.1.weight' -> 'norm1'.
+_LEGACY_KEY = re.compile(
+  r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$'
+)
+# Every key of a torchvision DenseNet, current style: the module path, then the leaf.
+_KEY = re.compile(
+  r'^(?:features\.(?P<module>conv0|norm0|norm5|transition\d+\.(?:norm|conv)'
+  r'|denseblock\d+\.denselayer\d+\.(?:norm|conv)[12])|(?P<classifier>classifier))'
+  r'\.(?P<leaf>weight|bias|running_mean|running_var|num_batches_tracked)$'
+)
+# (module kind, torch leaf) -> (Flax collection, Flax leaf); '' = consumed, not kept.
+_LEAVES = {
+  ('norm', 'weight'): ('params', 'scale'),
+  ('norm', 'bias'): ('params', 'bias'),
+  ('norm', 'running_mean'): ('batch_stats', 'mean'),
+  ('norm', 'running_var'): ('batch_stats', 'var'),
+  ('norm', 'num_batches_tracked'): ('', ''),
+  ('conv', 'weight'): ('params', 'kernel'),
+  ('classifier', 'weight'): ('params', 'kernel'),
+  ('classifier', 'bias'): ('params', 'bias'),
+}
+
+
+class StateDictError(ValueError):
+  """A state dict that does not fit: its message names the keys."""
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, 'detach'):  # A torch tensor; torch itself is never imported here.
+    value = value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def _canonical_key(key: str) -> str:
+  match = _LEGACY_KEY.match(key)
+  return match.group(1) + match.group(2) if match else key
+
+
+def _flax_location(key: str) -> tuple[str, tuple[str, ...]] | None:
+  """(collection, path) of a current-style torchvision key; None if not a DenseNet key."""
+  match = _KEY.match(key)
+  if match is None:
+    return None
+  module = tuple((match['module'] or match['classifier']).split('.'))
+  kind = re.sub(r'\d+$', '', module[-1])
+  if (kind, match['leaf']) not in _LEAVES:
+    return None  # E.g. a conv bias: torchvision's convs have none.
+  collection, leaf = _LEAVES[kind, match['leaf']]
+  return collection, module + (leaf,)
+
+
+def _torch_to_flax_array(array: np.ndarray, is_kernel: bool) -> np.ndarray:
+  if is_kernel and array.ndim == 4:
+    return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  if is_kernel and array.ndim == 2:
+    return array.T  # (out, in) -> (in, out)
+  return array
+
+
+def _list(keys, limit: int = 8) -> str:
+  keys = sorted(keys)
+  shown = ', '.join(keys[:limit])
+  return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
+
+
+def from_torchvision(state_dict: Mapping[str, Any], model: DenseNet | None = None) -> dict:
+  """Converts a torchvision DenseNet state dict to Flax variables.
+
+  Args:
+    state_dict: key -> array (torch tensors or numpy arrays), with torchvision's
+      current keys or the legacy keys of its published weight files.
+    model: if given, the variables are checked against it: every key it needs must be
+      present with the right shape, and no key may be left over.
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}`, numpy arrays, ready for `model.apply`.
+
+  Raises:
+    StateDictError (a ValueError): a key that is not a DenseNet key, or (with
+      `model`) a missing, left-over or wrongly shaped one. The message names them.
+  """
+  flat = {}
+  foreign = []
+  for key, value in state_dict.items():
+    location = _flax_location(_canonical_key(key))
+    if location is None:
+      foreign.append(key)
+      continue
+    collection, path = location
+    if collection:
+      flat[(collection,) + path] = _torch_to_flax_array(_to_numpy(value), path[-1] == 'kernel')
+  if foreign:
+    hint = ''
+    if all(k.startswith('module.') for k in foreign):
+      hint = " They carry DataParallel's 'module.' prefix: strip it first."
+    raise StateDictError(
+      f'Not a torchvision DenseNet state dict: {len(foreign)} of {len(state_dict)} keys '
+      f'are not DenseNet keys: {_list(foreign)}.{hint} Pass the state dict of a '
+      'torchvision.models.DenseNet (e.g. densenet121().state_dict()).'
+    )
+  variables = traverse_util.unflatten_dict(flat)
+  if model is not None:
+    _check_against_model(variables, model)
+  return variables
+
+
+def expected_variable_shapes(model: DenseNet, in_channels: int = 3) -> dict:
+  """The variable shapes `model` creates for `in_channels`-channel input (no compute)."""
+  size = model.min_input_size()
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, size, size, in_channels)), train=False)
+  )
+  return jax.tree.map(lambda s: tuple(s.shape), shapes)
+
+
+def _check_against_model(variables: dict, model: DenseNet) -> None:
+  conv0 = variables.get('params', {}).get('conv0', {}).get('kernel')
+  in_channels = conv0.shape[2] if conv0 is not None else 3
+  expected = traverse_util.flatten_dict(expected_variable_shapes(model, in_channels), sep='/')
+  got = {k: v.shape for k, v in traverse_util.flatten_dict(variables, sep='/').items()}
+  missing = expected.keys() - got.keys()
+  unexpected = got.keys() - expected.keys()
+  wrong = [
+    f'{k} {got[k]} (model: {expected[k]})' for k in expected.keys() & got.keys() if got[k] != expected[k]
+  ]
+  if missing or unexpected or wrong:
+    problems = []
+    if missing:
+      problems.append(f'missing for this model: {_list(to_torch_keys(missing))}')
+    if unexpected:
+      problems.append(f'not in this model: {_list(to_torch_keys(unexpected))}')
+    if wrong:
+      problems.append(f'wrong shape (Flax layout): {_list(wrong)}')
+    raise StateDictError(
+      'The state dict does not fit the chosen model ('
+      + _describe(model)
+      + '); '
+      + '; '.join(problems)
+      + '. Is it the state dict of another preset or truncated? Choose the model it was '
+      'saved from (growth_rate, block_config, num_init_features, num_classes).'
+    )
+
+
+def _describe(model: DenseNet) -> str:
+  return (
+    f'growth_rate={model.growth_rate}, block_config={model.block_config}, '
+    f'num_init_features={model.num_init_features}, num_classes={model.num_classes}'
+  )
+
+
+def to_torch_keys(flax_paths) -> list[str]:
+  """torchvision keys of Flax variable paths ('params/norm0/scale' -> 'features.norm0.weight')."""
+  names = {
+    'scale': 'weight',
+    'bias': 'bias',
+    'kernel': 'weight',
+    'mean': 'running_mean',
+    'var': 'running_var',
+  }
+  keys = []
+  for path in flax_paths:
+    _, *module, leaf = path.split('/')
+    prefix = 'classifier' if module == ['classifier'] else 'features.' + '.'.join(module)
+    keys.append(f'{prefix}.{names[leaf]}')
+  return keys
+
+
+def to_torchvision(variables: Mapping[str, Any], num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+  """Converts Flax variables to a torchvision DenseNet state dict (numpy arrays).
+
+  `torchvision.models.densenet121().load_state_dict({k: torch.from_numpy(v) ...},
+  strict=True)` accepts the result of a DenseNet-121's variables.
+
+  Args:
+    variables: `{'params': ..., 'batch_stats': ...}` of a `DenseNet`. Without
+      `batch_stats` (e.g. gradients) only the parameters are converted.
+    num_batches_tracked: the value of every BatchNorm's `num_batches_tracked`
+      buffer (Flax does not count batches; torch uses it only with momentum=None).
+
+  Returns:
+    torchvision key -> float32 (int64 for `num_batches_tracked`) numpy array.
+  """
+  state_dict = {}
+  params = traverse_util.flatten_dict(variables['params'])
+  stats = traverse_util.flatten_dict(variables.get('batch_stats', {}))
+  for path, value in params.items():
+    *module, leaf = path
+    prefix = 'classifier' if module == ['classifier'] else 'features.' + '.'.join(module)
+    array = np.asarray(value, np.float32)
+    if leaf == 'kernel':
+      state_dict[f'{prefix}.weight'] = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+    elif leaf == 'scale':
+      state_dict[f'{prefix}.weight'] = array
+    else:
+      state_dict[f'{prefix}.bias'] = array
+    if leaf == 'scale' and stats:
+      state_dict[f'{prefix}.running_mean'] = np.asarray(stats[(*module, 'mean')], np.float32)
+      state_dict[f'{prefix}.running_var'] = np.asarray(stats[(*module, 'var')], np.float32)
+      state_dict[f'{prefix}.num_batches_tracked'] = np.asarray(num_batches_tracked, np.int64)
+  return state_dict
