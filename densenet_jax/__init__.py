@@ -10,5 +10,9 @@ from densenet_jax.models import DenseNet201 as DenseNet201
 from densenet_jax.models import DenseNet264 as DenseNet264
 from densenet_jax.models import Transition as Transition
 from densenet_jax.models import densenet_cifar as densenet_cifar
+from densenet_jax.torchvision_port import StateDictError as StateDictError
+from densenet_jax.torchvision_port import config_from_variables as config_from_variables
+from densenet_jax.torchvision_port import from_torchvision as from_torchvision
+from densenet_jax.torchvision_port import to_torchvision as to_torchvision
 
 __version__ = '0.1.0'

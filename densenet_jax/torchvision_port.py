@@ -33,7 +33,7 @@ from densenet_jax.models import DenseNet
 
 # torchvision's own fix-up for its published files: 'denselayer1.norm.1.weight' -> 'norm1'.
 _LEGACY_KEY = re.compile(
-  r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$'
+  r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$'
 )
 # Every key of a torchvision DenseNet, current style: the module path, then the leaf.
 _KEY = re.compile(
@@ -154,31 +154,70 @@ def _check_against_model(variables: dict, model: DenseNet) -> None:
   missing = expected.keys() - got.keys()
   unexpected = got.keys() - expected.keys()
   wrong = [
-    f'{k} {got[k]} (model: {expected[k]})' for k in expected.keys() & got.keys() if got[k] != expected[k]
+    f'{to_torch_keys([k])[0]} {_torch_shape(k, got[k])} (model: {_torch_shape(k, expected[k])})'
+    for k in expected.keys() & got.keys()
+    if got[k] != expected[k]
   ]
-  if missing or unexpected or wrong:
-    problems = []
-    if missing:
-      problems.append(f'missing for this model: {_list(to_torch_keys(missing))}')
-    if unexpected:
-      problems.append(f'not in this model: {_list(to_torch_keys(unexpected))}')
-    if wrong:
-      problems.append(f'wrong shape (Flax layout): {_list(wrong)}')
-    raise StateDictError(
-      'The state dict does not fit the chosen model ('
-      + _describe(model)
-      + '); '
-      + '; '.join(problems)
-      + '. Is it the state dict of another preset or truncated? Choose the model it was '
-      'saved from (growth_rate, block_config, num_init_features, num_classes).'
-    )
-
-
-def _describe(model: DenseNet) -> str:
-  return (
-    f'growth_rate={model.growth_rate}, block_config={model.block_config}, '
-    f'num_init_features={model.num_init_features}, num_classes={model.num_classes}'
+  if not (missing or unexpected or wrong):
+    return
+  problems = []
+  if missing:
+    problems.append(f'missing for this model: {_list(to_torch_keys(missing))}')
+  if unexpected:
+    problems.append(f'not in this model: {_list(to_torch_keys(unexpected))}')
+  if wrong:
+    problems.append(f'wrong shape: {_list(wrong)}')
+  try:
+    fits = f'It fits DenseNet({_kwargs(config_from_variables(variables))}): choose that model. '
+  except (KeyError, ValueError):
+    fits = 'Is it the state dict of another preset, or truncated? Choose the model it was saved from. '
+  raise StateDictError(
+    f'The state dict does not fit the chosen model DenseNet({_kwargs(_config_of(model))}). '
+    + fits
+    + '; '.join(problems)
+    + '.'
   )
+
+
+_CONFIG_FIELDS = ('growth_rate', 'block_config', 'num_init_features', 'bn_size', 'num_classes')
+
+
+def _config_of(model: DenseNet) -> dict:
+  return {name: getattr(model, name) for name in _CONFIG_FIELDS}
+
+
+def _kwargs(config: dict) -> str:
+  return ', '.join(f'{k}={v!r}' for k, v in config.items())
+
+
+def config_from_variables(variables: dict) -> dict:
+  """The DenseNet(**kwargs) that `variables` (e.g. `from_torchvision(sd)`) were made by.
+
+  Reads growth rate, block sizes, stem width, bottleneck size and class count from the
+  shapes, so that a state dict of unknown preset can be loaded:
+  `DenseNet(**config_from_variables(v))`. Handles torchvision's (ImageNet-stem) layout.
+  """
+  params = variables['params']
+  blocks = sorted((k for k in params if k.startswith('denseblock')), key=lambda k: int(k[10:]))
+  if not blocks:
+    raise ValueError('no dense blocks in the variables')
+  first = params[blocks[0]]['denselayer1']
+  growth_rate = first['conv2']['kernel'].shape[3]
+  return {
+    'growth_rate': growth_rate,
+    'block_config': tuple(len(params[b]) for b in blocks),
+    'num_init_features': params['conv0']['kernel'].shape[3],
+    'bn_size': first['conv1']['kernel'].shape[3] // growth_rate,
+    'num_classes': params['classifier']['kernel'].shape[1],
+  }
+
+
+def _torch_shape(flax_path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  if flax_path.endswith('kernel') and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
+  if flax_path.endswith('kernel') and len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
 
 
 def to_torch_keys(flax_paths) -> list[str]:
