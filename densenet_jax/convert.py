@@ -1,0 +1,134 @@
+"""Convert torchvision DenseNet weights (.pth) to an orbax checkpoint and back.
+
+  python -m densenet_jax.convert to-jax densenet121-a639ec97.pth /ckpt/densenet121
+  python -m densenet_jax.convert to-torch /ckpt/densenet121 densenet121_back.pth
+
+The checkpoint directory holds `variables` ({'params', 'batch_stats'}, orbax
+StandardSave) and `model_config` (JSON: the `DenseNet` keyword arguments), so
+`load_checkpoint` (and `train.py`'s `config.init_from`) rebuilds the model without
+being told the preset. Needs torch (`pip install 'densenet-jax[torch]'`) for .pth files.
+"""
+
+import argparse
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from densenet_jax.models import DenseNet
+from densenet_jax.torchvision_port import (
+  StateDictError,
+  config_from_variables,
+  from_torchvision,
+  to_torchvision,
+)
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError as error:
+    raise SystemExit(
+      'error: reading and writing .pth files needs PyTorch: pip install "densenet-jax[torch]"'
+    ) from error
+  return torch
+
+
+def load_pth(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """The state dict in a .pth file, as numpy arrays (a {'state_dict': ...} wrapper is opened)."""
+  torch = _import_torch()
+  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  if isinstance(state_dict, dict) and isinstance(state_dict.get('state_dict'), dict):
+    state_dict = state_dict['state_dict']
+  return {key: value.detach().cpu().numpy() for key, value in state_dict.items()}
+
+
+def save_checkpoint(directory: str | pathlib.Path, model: DenseNet, variables: dict) -> pathlib.Path:
+  """Writes `variables` and `model`'s configuration as an orbax checkpoint; never overwrites."""
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists():
+    raise FileExistsError(f'{directory} exists; choose a new directory (nothing was overwritten).')
+  config = {
+    name: getattr(model, name)
+    for name in (
+      'growth_rate',
+      'block_config',
+      'num_init_features',
+      'bn_size',
+      'compression',
+      'num_classes',
+      'stem',
+    )
+  }
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(
+      directory,
+      args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), model_config=ocp.args.JsonSave(config)
+      ),
+    )
+  return directory
+
+
+def load_checkpoint(directory: str | pathlib.Path, **model_kwargs: Any) -> tuple[DenseNet, dict]:
+  """(model, variables) from a `save_checkpoint` directory; `model_kwargs` add e.g. dtype."""
+  directory = pathlib.Path(directory).absolute()
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(
+      directory,
+      args=ocp.args.Composite(variables=ocp.args.StandardRestore(), model_config=ocp.args.JsonRestore()),
+    )
+  config = dict(restored.model_config)
+  config['block_config'] = tuple(config['block_config'])
+  return DenseNet(**config, **model_kwargs), restored.variables
+
+
+def pth_to_checkpoint(pth: str | pathlib.Path, directory: str | pathlib.Path) -> DenseNet:
+  """Converts a torchvision .pth to a checkpoint; returns the model it fits."""
+  state_dict = load_pth(pth)
+  model = DenseNet(**config_from_variables(from_torchvision(state_dict)))
+  variables = from_torchvision(state_dict, model)  # Checks every key and shape against it.
+  save_checkpoint(directory, model, variables)
+  return model
+
+
+def checkpoint_to_pth(directory: str | pathlib.Path, pth: str | pathlib.Path) -> None:
+  """Writes a checkpoint's variables as a torchvision state dict (.pth); never overwrites."""
+  torch = _import_torch()
+  pth = pathlib.Path(pth)
+  if pth.exists():
+    raise FileExistsError(f'{pth} exists; choose a new file name (nothing was overwritten).')
+  _, variables = load_checkpoint(directory)
+  torch.save({k: torch.from_numpy(v) for k, v in to_torchvision(variables).items()}, pth)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m densenet_jax.convert', description=__doc__.split('\n')[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  to_jax = commands.add_parser('to-jax', help='torchvision .pth -> orbax checkpoint directory')
+  to_jax.add_argument('pth')
+  to_jax.add_argument('checkpoint_dir')
+  to_torch = commands.add_parser('to-torch', help='orbax checkpoint directory -> torchvision .pth')
+  to_torch.add_argument('checkpoint_dir')
+  to_torch.add_argument('pth')
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'to-jax':
+      model = pth_to_checkpoint(args.pth, args.checkpoint_dir)
+      print(
+        f'wrote {pathlib.Path(args.checkpoint_dir).absolute()} (growth_rate={model.growth_rate}, '
+        f'block_config={model.block_config}, num_classes={model.num_classes})'
+      )
+    else:
+      checkpoint_to_pth(args.checkpoint_dir, args.pth)
+      print(f'wrote {args.pth}')
+  except (StateDictError, FileExistsError, FileNotFoundError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
