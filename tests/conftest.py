@@ -3,12 +3,15 @@
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
 import densenet_jax
 
 DATA = pathlib.Path(__file__).parent / 'data'
+# The float64 context manager: jax.enable_x64 on current JAX, in experimental before.
+enable_x64 = jax.enable_x64 if hasattr(jax, 'enable_x64') else jax.experimental.enable_x64
 PRESETS = {
   'densenet121': densenet_jax.DenseNet121,
   'densenet161': densenet_jax.DenseNet161,

@@ -12,11 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import max_relative_error, section
+from conftest import enable_x64, max_relative_error, section
 
 from densenet_jax import from_torchvision, to_torchvision
-
-enable_x64 = jax.enable_x64 if hasattr(jax, 'enable_x64') else jax.experimental.enable_x64
 
 
 @pytest.fixture(scope='module')

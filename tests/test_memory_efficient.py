@@ -5,11 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import enable_x64, max_relative_error
 
 import densenet_jax
-
-# jax.enable_x64 is the context manager on current JAX; older releases had it in experimental.
-enable_x64 = jax.enable_x64 if hasattr(jax, 'enable_x64') else jax.experimental.enable_x64
 
 
 def train_outputs(model, variables, x, labels):
@@ -22,11 +20,6 @@ def train_outputs(model, variables, x, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
 
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-
-
-def max_relative(actual, expected) -> float:
-  expected = np.asarray(expected, np.float64)
-  return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
 
 
 @pytest.mark.parametrize('bc', [True, False], ids=['bottleneck', 'plain'])
@@ -56,7 +49,7 @@ def test_memory_efficient_gives_the_same_numbers(bc):
     variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
     _, grads64 = train_outputs(model64, variables64, jnp.asarray(x, jnp.float64), labels)
     grads64 = jax.tree.map(np.asarray, grads64)
-  fp32_error = max(map(max_relative, jax.tree.leaves(grads), jax.tree.leaves(grads64)))
-  difference = max(map(max_relative, jax.tree.leaves(grads_e), jax.tree.leaves(grads)))
+  fp32_error = max(map(max_relative_error, jax.tree.leaves(grads), jax.tree.leaves(grads64)))
+  difference = max(map(max_relative_error, jax.tree.leaves(grads_e), jax.tree.leaves(grads)))
   assert difference <= fp32_error, (difference, fp32_error)
   assert fp32_error < 1e-5  # Both are good fp32 gradients (a wrong one is off by ~1).
