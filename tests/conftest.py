@@ -1,6 +1,8 @@
 """Shared fixtures: the reference data computed by real torchvision (tests/data/)."""
 
+import importlib
 import json
+import os
 import pathlib
 
 import jax
@@ -19,6 +21,17 @@ PRESETS = {
   'densenet201': densenet_jax.DenseNet201,
   'densenet264': densenet_jax.DenseNet264,
 }
+
+
+def optional_module(name: str):
+  """Imports an optional test dependency: skipped if missing, but a failure under CI=true.
+
+  .ci/run installs every optional dependency, so in CI a missing one is a broken install,
+  not a reason to skip.
+  """
+  if os.environ.get('CI'):
+    return importlib.import_module(name)
+  return pytest.importorskip(name, reason=f'needs {name} (.ci/run installs it)')
 
 
 @pytest.fixture(scope='session')

@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import max_relative_error, section
+from conftest import max_relative_error, optional_module, section
 
 from densenet_jax import convert
 
-torch = pytest.importorskip('torch', reason='the .pth converter needs torch (.ci/run installs it)')
+torch = optional_module('torch')
 
 
 @pytest.fixture

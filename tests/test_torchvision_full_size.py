@@ -8,18 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import max_relative_error
+from conftest import max_relative_error, optional_module
 
 import densenet_jax
 
-torch = pytest.importorskip('torch', reason='needs torch and torchvision (.ci/run installs both)')
+torch = optional_module('torch')
 
 
 @pytest.fixture(scope='module')
 def torchvision():
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(torch.library, 'register_fake', lambda *args, **kwargs: lambda fn: fn)
-    return pytest.importorskip('torchvision', reason='needs torchvision (.ci/run installs it)')
+    return optional_module('torchvision')
 
 
 def test_densenet121_to_torchvision_and_back(torchvision):
