@@ -4,6 +4,9 @@ import importlib
 import json
 import os
 import pathlib
+import subprocess
+import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -12,6 +15,9 @@ import pytest
 import densenet_jax
 
 DATA = pathlib.Path(__file__).parent / 'data'
+REPO = pathlib.Path(__file__).parents[1]
+# One persistent XLA cache for the session's train.py runs: the same program compiles once.
+XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / f'densenet_jax_tests_xla_cache_{os.getpid()}'
 # The float64 context manager: jax.enable_x64 on current JAX, in experimental before.
 enable_x64 = jax.enable_x64 if hasattr(jax, 'enable_x64') else jax.experimental.enable_x64
 PRESETS = {
@@ -72,3 +78,64 @@ def max_relative_error(actual, expected) -> float:
   """max |actual - expected| / max |expected| (the issues' 'relative')."""
   expected = np.asarray(expected, np.float64)
   return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.fixture(scope='session')
+def digits_data_dir(tmp_path_factory) -> pathlib.Path:
+  """A TFDS data_dir with sklearn_digits prepared (from scikit-learn's own files: offline)."""
+  tfds = optional_module('tensorflow_datasets')
+  import densenet_jax.datasets  # noqa: F401  (registers sklearn_digits)
+
+  data_dir = tmp_path_factory.mktemp('tensorflow_datasets')
+  tfds.builder('sklearn_digits', data_dir=str(data_dir)).download_and_prepare()
+  return data_dir
+
+
+def _train_env(devices: int, env: dict | None) -> dict:
+  return {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+    'JAX_COMPILATION_CACHE_DIR': str(XLA_CACHE),
+    **(env or {}),
+  }
+
+
+def run_train(*args: str, devices: int = 1, env: dict | None = None, timeout: float = 900):
+  """`python train.py ARGS` in a fresh process with `devices` CPU devices; the CompletedProcess.
+
+  Pass --config.compilation_cache_dir= to use the session's XLA cache (XLA_CACHE).
+  """
+  return subprocess.run(
+    [sys.executable, str(REPO / 'train.py'), *args],
+    cwd=REPO,
+    env=_train_env(devices, env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def start_train(args, log_path, devices: int = 1, env: dict | None = None) -> subprocess.Popen:
+  """`python train.py ARGS` started in the background, stdout and stderr to `log_path`."""
+  with open(log_path, 'w') as log:
+    return subprocess.Popen(
+      [sys.executable, str(REPO / 'train.py'), *args],
+      cwd=REPO,
+      env=_train_env(devices, env),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+  """WORKDIR/metrics.jsonl as a list of records."""
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _remove_xla_cache():
+  yield
+  import shutil
+
+  shutil.rmtree(XLA_CACHE, ignore_errors=True)
