@@ -73,16 +73,28 @@ def save_checkpoint(directory: str | pathlib.Path, model: DenseNet, variables: d
 
 
 def load_checkpoint(directory: str | pathlib.Path, **model_kwargs: Any) -> tuple[DenseNet, dict]:
-  """(model, variables) from a `save_checkpoint` directory; `model_kwargs` add e.g. dtype."""
+  """(model, variables) from a `save_checkpoint` directory or a training checkpoint.
+
+  A training checkpoint is one step of train.py's WORKDIR/checkpoints (e.g.
+  WORKDIR/checkpoints/660): its `state` holds params and batch_stats beside the optimizer
+  state. `model_kwargs` add e.g. dtype.
+  """
   directory = pathlib.Path(directory).absolute()
+  if not directory.is_dir():
+    raise FileNotFoundError(f'{directory} is not a checkpoint directory.')
+  is_training_checkpoint = (directory / 'state').is_dir()
+  item = 'state' if is_training_checkpoint else 'variables'
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(
       directory,
-      args=ocp.args.Composite(variables=ocp.args.StandardRestore(), model_config=ocp.args.JsonRestore()),
+      args=ocp.args.Composite(**{item: ocp.args.StandardRestore(), 'model_config': ocp.args.JsonRestore()}),
     )
   config = dict(restored.model_config)
   config['block_config'] = tuple(config['block_config'])
-  return DenseNet(**config, **model_kwargs), restored.variables
+  variables = restored[item]
+  if is_training_checkpoint:
+    variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  return DenseNet(**config, **model_kwargs), variables
 
 
 def pth_to_checkpoint(pth: str | pathlib.Path, directory: str | pathlib.Path) -> DenseNet:

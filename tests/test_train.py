@@ -1,0 +1,169 @@
+"""The trainer end to end: the configs on mock data, init_from, eval mode, devices, the quickstart."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from conftest import DATA, optional_module, read_metrics, run_train, section, start_train
+
+from configs import cifar10, densenet121
+from densenet_jax import convert, from_torchvision, train_lib
+from densenet_jax.models import DenseNet
+
+tfds = optional_module('tensorflow_datasets')
+
+# A DenseNet small enough to compile in seconds, for runs of the full-size configs.
+TINY = {'growth_rate': 4, 'block_config': (1, 1), 'num_init_features': 8, 'bn_size': 2}
+
+
+def quick(config: ml_collections.ConfigDict, data_dir, **overrides) -> ml_collections.ConfigDict:
+  """`config` shortened to a few steps, logging every step, no progress bar."""
+  config.data_dir = str(data_dir)
+  config.batch_size = config.eval_batch_size = 8
+  config.total_steps = 3
+  config.log_every_steps = 1
+  config.progress_bar = False
+  config.compilation_cache_dir = ''
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize('config_module', [cifar10, densenet121], ids=['cifar10', 'imagenet2012'])
+def test_config_trains_end_to_end_on_mock_data(tmp_path, config_module):
+  config = quick(config_module.get_config(), tmp_path / 'data')
+  if config_module is densenet121:  # The real config's pipeline (224x224 inception crops), a tiny net.
+    config.model = 'densenet'
+    config.model_kwargs = ml_collections.ConfigDict(TINY)
+  else:  # DenseNet-BC with one layer per block.
+    config.model_kwargs.depth = 10
+  with tfds.testing.mock_data(num_examples=20):
+    final = train_lib.train_and_evaluate(config, tmp_path / 'run')
+  assert final['step'] == 3 and final['test_examples'] == 20
+  assert np.isfinite(final['train_loss']) and 0 <= final['test_top1'] <= final['test_top5'] <= 1
+  assert json.loads((tmp_path / 'run' / 'final_metrics.json').read_text()) == final
+  assert [r['step'] for r in read_metrics(tmp_path / 'run') if 'train_loss' in r] == [1, 2, 3]
+  for name in ('curves.png', 'config.json', 'checkpoints/3/state', 'tensorboard'):
+    assert (tmp_path / 'run' / name).exists(), name
+  # The last checkpoint evaluates to the same figures (mode=eval).
+  config.mode = 'eval'
+  with tfds.testing.mock_data(num_examples=20):
+    evaluated = train_lib.evaluate(config, tmp_path / 'run')
+  assert evaluated['step'] == 3
+  for key in ('test_loss', 'test_top1', 'test_top5'):
+    assert evaluated[key] == pytest.approx(final[key], rel=1e-6)
+
+
+def test_training_starts_from_a_converted_torchvision_checkpoint(tmp_path, tiny_model, tiny_reference):
+  variables = from_torchvision(section(tiny_reference, 'state_dict'), tiny_model)
+  convert.save_checkpoint(tmp_path / 'tiny_torchvision', tiny_model, variables)
+  config = quick(cifar10.get_config(), tmp_path / 'data', init_from=str(tmp_path / 'tiny_torchvision'))
+  config.model = 'densenet'
+  config.model_kwargs = ml_collections.ConfigDict(
+    json.loads((DATA / 'tiny_densenet_torchvision.json').read_text())['torchvision.models.DenseNet kwargs']
+  )
+  config.model_kwargs.block_config = tuple(config.model_kwargs.block_config)
+  del config.model_kwargs['num_classes']  # The data's: cifar10, 10 classes, as the tiny net's.
+  with tfds.testing.mock_data(num_examples=20):
+    setup = train_lib.setup(config, tmp_path / 'run')
+    loaded = train_lib.load_init_from(setup, setup.create_state())
+    final = train_lib.train_and_evaluate(config, tmp_path / 'run')
+  # It starts from torchvision's weights exactly...
+  for ours, theirs in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables['params']), strict=True):
+    np.testing.assert_array_equal(np.asarray(ours), theirs)
+  assert train_lib.param_checksum(loaded.params) == pytest.approx(
+    train_lib.param_checksum(variables['params'])
+  )
+  # ...and trains from there.
+  assert final['step'] == 3 and np.isfinite(final['train_loss'])
+  assert final['param_checksum'] != pytest.approx(train_lib.param_checksum(variables['params']), rel=1e-9)
+
+
+def test_init_from_another_architecture_is_refused(tmp_path, tiny_model, tiny_reference):
+  variables = from_torchvision(section(tiny_reference, 'state_dict'), tiny_model)
+  convert.save_checkpoint(tmp_path / 'tiny_torchvision', tiny_model, variables)
+  config = quick(cifar10.get_config(), tmp_path / 'data', init_from=str(tmp_path / 'tiny_torchvision'))
+  config.model_kwargs.depth = 10
+  with tfds.testing.mock_data(num_examples=20), pytest.raises(train_lib.ConfigError, match='does not fit'):
+    train_lib.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_a_classifier_of_another_class_count_is_reinitialized(tmp_path, tiny_reference):
+  model = DenseNet(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, num_classes=10)
+  convert.save_checkpoint(
+    tmp_path / 'ckpt', model, from_torchvision(section(tiny_reference, 'state_dict'), model)
+  )
+  config = quick(
+    cifar10.get_config(), tmp_path / 'data', init_from=str(tmp_path / 'ckpt'), dataset='cifar100'
+  )
+  config.model = 'densenet'
+  config.model_kwargs = ml_collections.ConfigDict(
+    {'growth_rate': 8, 'block_config': (2, 3, 2), 'num_init_features': 16}
+  )
+  with tfds.testing.mock_data(num_examples=20):
+    setup = train_lib.setup(config, tmp_path / 'run')
+    fresh = setup.create_state()
+    loaded = train_lib.load_init_from(setup, fresh)
+  assert loaded.params['classifier']['kernel'].shape[1] == 100
+  np.testing.assert_array_equal(loaded.params['classifier']['kernel'], fresh.params['classifier']['kernel'])
+  np.testing.assert_array_equal(
+    loaded.params['conv0']['kernel'],
+    from_torchvision(section(tiny_reference, 'state_dict'))['params']['conv0']['kernel'],
+  )
+
+
+def test_eight_devices_train_exactly_like_one(tmp_path, digits_data_dir):
+  """The digits config, 2 epochs and an eval, in float64 on 1 and on 8 devices: the same losses.
+
+  In float32 the two differ from the 2nd step on by rounding (the batch sums are split
+  differently), and this training amplifies any 1e-7 difference to 1e-4 within a few steps
+  (README, "Data parallelism"); float64 shows the computations are the same.
+  """
+  processes = {
+    devices: start_train(
+      [
+        '--config=configs/digits.py',
+        f'--workdir={tmp_path / f"devices{devices}"}',
+        f'--config.data_dir={digits_data_dir}',
+        '--config.total_steps=44',
+        '--config.log_every_steps=1',
+        '--config.dtype=float64',
+        '--config.param_dtype=float64',
+        '--config.progress_bar=False',
+        '--config.compilation_cache_dir=',
+      ],
+      tmp_path / f'devices{devices}.log',
+      devices=devices,
+      env={'JAX_ENABLE_X64': '1'},
+    )
+    for devices in (1, 8)
+  }
+  runs = {}
+  for devices, process in processes.items():
+    log = (tmp_path / f'devices{devices}.log').read_text() if process.wait(timeout=900) else ''
+    assert process.returncode == 0, log[-3000:]
+    assert f'over {devices} devices' in (tmp_path / f'devices{devices}.log').read_text()
+    workdir = tmp_path / f'devices{devices}'
+    runs[devices] = read_metrics(workdir), json.loads((workdir / 'final_metrics.json').read_text())
+  losses = {d: np.array([r['train_loss'] for r in runs[d][0] if 'train_loss' in r]) for d in runs}
+  assert len(losses[1]) == 44
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+  for key in ('test_loss', 'test_top1', 'param_checksum'):
+    assert runs[8][1][key] == pytest.approx(runs[1][1][key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_digits_quickstart_reaches_98_percent(tmp_path, digits_data_dir):
+  """The README's main command, as is (30 epochs, about a minute on 2 cores)."""
+  result = run_train(
+    '--config=configs/digits.py',
+    f'--workdir={tmp_path}',
+    f'--config.data_dir={digits_data_dir}',
+    '--config.compilation_cache_dir=',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  final = json.loads((tmp_path / 'final_metrics.json').read_text())
+  assert final['step'] == 30 * 22 and final['test_examples'] == 359
+  assert final['test_top1'] >= 0.98, final

@@ -1,0 +1,36 @@
+"""`python train.py` refuses bad input with one line that names the fix: no traceback, non-zero exit."""
+
+import pytest
+from conftest import run_train
+
+CASES = {
+  'unknown config key': ([], ['--config.batch_sise=64'], 1, "unknown config key 'batch_sise'"),
+  'unknown model': ([], ['--config.model=densenet122'], 1, 'config.model must be one of densenet121'),
+  'unknown dataset': ([], ['--config.dataset=cifar11'], 1, "unknown dataset 'cifar11'"),
+  'batch size vs devices': ([], ['--config.batch_size=60'], 8, 'not divisible by the 8 devices'),
+  'imagenet2012 without its files': (
+    ['--config=configs/densenet121.py'],
+    [],
+    1,
+    'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar',
+  ),
+}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_bad_input_is_one_clear_line(tmp_path, digits_data_dir, case):
+  config_args, overrides, devices, expected = CASES[case]
+  data_dir = digits_data_dir if not config_args else tmp_path / 'empty_tfds'
+  workdir = tmp_path / 'run'
+  result = run_train(
+    *(config_args or ['--config=configs/digits.py']),
+    f'--workdir={workdir}',
+    f'--config.data_dir={data_dir}',
+    *overrides,
+    devices=devices,
+  )
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: ') and expected in last_line, last_line
+  assert not workdir.exists()  # Nothing was started, so nothing was written.

@@ -1,0 +1,104 @@
+"""Train (or evaluate) a DenseNet from an ml_collections config file.
+
+  python train.py --config configs/digits.py --workdir /tmp/digits
+  python train.py --config configs/densenet121.py --workdir /ckpt/d121 --config.batch_size=512
+  python train.py --config configs/cifar10.py --workdir /ckpt/c10 --config.mode=eval
+
+Running it again with the same --workdir resumes from the latest checkpoint. Errors in the
+config or data are one line on stderr and a non-zero exit code; SIGTERM saves and exits 143.
+"""
+
+import os
+import re
+import sys
+
+# Before TensorFlow is imported (by the input pipeline): keep its C++ logs quiet.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_dict, config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/digits.py.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def fail(message: str, code: int = 1) -> None:
+  """One line on stderr, no traceback."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config override mistakes reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    fail(f'{error}. See --helpshort.', 2)
+  except (KeyError, AttributeError) as error:
+    # ml_collections' message is a repr of a repr; take the key and its suggestion out of it.
+    text = str(error).replace('\\', '')
+    key = next(iter(re.findall(r"'([\w.]+)'", text)), text)
+    suggestion = re.search(r'Did you mean "([\w.]+)"', text)
+    culprit = next(
+      (a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and a.split('=')[0].endswith(key)), ''
+    )
+    fail(
+      f'unknown config key {key!r}'
+      + (f' in {culprit}' if culprit else '')
+      + (f'; did you mean {suggestion.group(1)!r}?' if suggestion else '.')
+      + ' All the keys and their meaning are in configs/default.py.',
+      2,
+    )
+  return []
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail(f'unexpected arguments {argv[1:]}; settings go in --config.NAME=VALUE.', 2)
+  config = _CONFIG.value
+  if not isinstance(config, config_dict.ConfigDict):
+    fail(f'cannot load the config file {flags.FLAGS["config"].config_filename!r}: {config!r}.', 2)
+  # train_lib prints the progress; absl logging (orbax's, JAX's) only for warnings, unless asked.
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+  import jax
+
+  from densenet_jax import input_pipeline, train_lib
+  from densenet_jax.torchvision_port import StateDictError
+
+  try:
+    train_lib.initialize_distributed(config)
+    if config.compilation_cache_dir:
+      jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], 'GPU')  # tf.data only: leave the accelerators to JAX.
+    try:
+      if config.mode == 'eval':
+        train_lib.evaluate(config, _WORKDIR.value)
+      else:
+        train_lib.train_and_evaluate(config, _WORKDIR.value)
+    finally:
+      if config.distributed:
+        jax.distributed.shutdown()  # Together, now: left to exit, it waits out a timeout.
+  except train_lib.Preempted as preempted:
+    print(
+      f'SIGTERM: saved a checkpoint at step {preempted.step} in {_WORKDIR.value}; '
+      'run the same command to resume.',
+      file=sys.stderr,
+    )
+    sys.exit(train_lib.SIGTERM_EXIT_CODE)
+  except (
+    train_lib.ConfigError,
+    train_lib.TrainingError,
+    input_pipeline.DataError,
+    StateDictError,
+    FileNotFoundError,
+  ) as error:
+    fail(str(error))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
