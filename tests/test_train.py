@@ -167,3 +167,42 @@ def test_digits_quickstart_reaches_98_percent(tmp_path, digits_data_dir):
   final = json.loads((tmp_path / 'final_metrics.json').read_text())
   assert final['step'] == 30 * 22 and final['test_examples'] == 359
   assert final['test_top1'] >= 0.98, final
+
+
+def test_learning_rate_schedules_follow_the_config():
+  config = densenet121.get_config()
+  config.batch_size = 512  # lr 0.1 per 256 images -> 0.2
+  step = train_lib.learning_rate_schedule(config, steps_per_epoch=100, total_steps=9000)
+  assert [float(step(s)) for s in (0, 2999, 3000, 5999, 6000, 8999)] == pytest.approx(
+    [0.2, 0.2, 0.02, 0.02, 0.002, 0.002]
+  )
+  config.schedule, config.warmup_epochs = 'cosine', 5
+  cosine = train_lib.learning_rate_schedule(config, steps_per_epoch=100, total_steps=9000)
+  assert float(cosine(0)) == 0 and float(cosine(250)) == pytest.approx(0.1)
+  assert float(cosine(500)) == pytest.approx(0.2) and float(cosine(9000)) == pytest.approx(0, abs=1e-7)
+
+
+@pytest.mark.parametrize('decay_norm_and_bias', [True, False])
+def test_weight_decay_masking(decay_norm_and_bias):
+  config = densenet121.get_config()
+  config.weight_decay_norm_and_bias = decay_norm_and_bias
+  tx = train_lib.create_optimizer(config, lambda step: 1.0)
+  params = {'conv0': {'kernel': np.ones((3, 3))}, 'norm0': {'scale': np.ones(3), 'bias': np.ones(3)}}
+  updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+  # First Nesterov step with zero gradients: -lr x (1 + momentum) x weight_decay x w.
+  decay = -1.0 * 1.9 * 1e-4
+  assert float(updates['conv0']['kernel'][0, 0]) == pytest.approx(decay)
+  expected = decay if decay_norm_and_bias else 0.0
+  assert float(updates['norm0']['scale'][0]) == pytest.approx(expected)
+  assert float(updates['norm0']['bias'][0]) == pytest.approx(expected)
+
+
+def test_half_precision_trains_with_float32_parameters(tmp_path):
+  config = quick(cifar10.get_config(), tmp_path / 'data', half_precision=True)
+  config.model_kwargs.depth = 10
+  with tfds.testing.mock_data(num_examples=20):
+    setup = train_lib.setup(config, tmp_path / 'run')
+    final = train_lib.train_and_evaluate(config, tmp_path / 'run')
+  assert setup.model.dtype == jax.numpy.bfloat16
+  assert {leaf.dtype for leaf in jax.tree.leaves(setup.abstract_state.params)} == {np.dtype('float32')}
+  assert final['step'] == 3 and np.isfinite(final['train_loss']) and np.isfinite(final['test_loss'])
