@@ -34,6 +34,26 @@ dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 BOTTLENECK_OUTPUT = 'bottleneck_output'
 
 
+class PointwiseConv(nn.Module):
+  """A 1x1 convolution computed as a matrix product over the channel axis.
+
+  The same parameter (`kernel`, shape (1, 1, in, out), HWIO) and the same numbers as
+  `nn.Conv(features, (1, 1), use_bias=False)`; XLA runs it as a dot, which on CPU is 2-3x
+  faster than its 1x1 convolution (and no slower elsewhere).
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = conv_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+
+
 class DenseLayer(nn.Module):
   """BN-ReLU-1x1 conv (the bottleneck, `bn_size * growth_rate` channels)-BN-ReLU-3x3 conv.
 
@@ -46,6 +66,7 @@ class DenseLayer(nn.Module):
     drop_rate: dropout rate on the layer's new features (torchvision's `drop_rate`).
     conv: convolution constructor (no bias).
     norm: BatchNorm constructor without `use_running_average`.
+    pointwise: 1x1 convolution constructor (e.g. `PointwiseConv`); `conv` if None.
   """
 
   growth_rate: int
@@ -53,6 +74,7 @@ class DenseLayer(nn.Module):
   drop_rate: float
   conv: ModuleDef
   norm: ModuleDef
+  pointwise: ModuleDef | None = None
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
@@ -65,7 +87,7 @@ class DenseLayer(nn.Module):
     if self.bn_size is None:
       x = self.conv(self.growth_rate, (3, 3), padding=1, name='conv1')(x)
     else:
-      x = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(x)
+      x = _pointwise(self.pointwise, self.conv, self.bn_size * self.growth_rate, 'conv1')(x)
       x = checkpoint_name(x, BOTTLENECK_OUTPUT)
       x = nn.relu(norm(name='norm2')(x))
       x = self.conv(self.growth_rate, (3, 3), padding=1, name='conv2')(x)
@@ -91,6 +113,7 @@ class DenseBlock(nn.Module):
   memory_efficient: bool
   conv: ModuleDef
   norm: ModuleDef
+  pointwise: ModuleDef | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -101,16 +124,20 @@ class DenseBlock(nn.Module):
         static_argnums=(2,),  # `train`; Flax counts `self` as argument 0.
         policy=jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT),
       )
-    features = [x]
-    for i in range(self.num_layers):
-      layer = layer_cls(
+    layers = [
+      layer_cls(
         growth_rate=self.growth_rate,
         bn_size=self.bn_size,
         drop_rate=self.drop_rate,
         conv=self.conv,
         norm=self.norm,
+        pointwise=self.pointwise,
         name=f'denselayer{i + 1}',
       )
+      for i in range(self.num_layers)
+    ]
+    features = [x]
+    for layer in layers:
       features.append(layer(features, train))
     return jnp.concatenate(features, axis=-1)
 
@@ -121,12 +148,17 @@ class Transition(nn.Module):
   num_output_features: int
   conv: ModuleDef
   norm: ModuleDef
+  pointwise: ModuleDef | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.relu(self.norm(use_running_average=not train, name='norm')(x))
-    x = self.conv(self.num_output_features, (1, 1), name='conv')(x)
+    x = _pointwise(self.pointwise, self.conv, self.num_output_features, 'conv')(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def _pointwise(pointwise: ModuleDef | None, conv: ModuleDef, features: int, name: str) -> nn.Module:
+  return pointwise(features, name=name) if pointwise is not None else conv(features, (1, 1), name=name)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -251,6 +283,9 @@ class DenseNet(nn.Module):
       param_dtype=self.param_dtype,
       kernel_init=conv_kernel_init,
     )
+    pointwise = partial(
+      PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init
+    )
     # PyTorch's BN momentum 0.1 is Flax's 0.9 (the weight of the running average).
     norm = partial(
       nn.BatchNorm,
@@ -279,13 +314,14 @@ class DenseNet(nn.Module):
         memory_efficient=self.memory_efficient,
         conv=conv,
         norm=norm,
+        pointwise=pointwise,
         name=f'denseblock{i + 1}',
       )(x, train)
       num_features += num_layers * self.growth_rate
       if i != len(self.block_config) - 1:
         num_features = int(num_features * self.compression)
         x = features[f'transition{i + 1}'] = Transition(
-          num_features, conv=conv, norm=norm, name=f'transition{i + 1}'
+          num_features, conv=conv, norm=norm, pointwise=pointwise, name=f'transition{i + 1}'
         )(x, train)
     x = features['norm5'] = norm(use_running_average=not train, name='norm5')(x)
     if self.features_only:

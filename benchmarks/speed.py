@@ -1,0 +1,236 @@
+"""Train-step and eval throughput: densenet-jax vs a straightforward Flax DenseNet vs torchvision.
+
+  python benchmarks/speed.py                       # DenseNet-121, batch 16, 224x224, fp32
+  python benchmarks/speed.py --model densenet_bc_100 --batch 64 --size 32
+
+Each side runs in its own process, the sides alternate over `--rounds`, and every figure is
+the median over rounds of the median step time after warm-up. A train step is forward,
+backward and an SGD (Nesterov momentum, weight decay) update; eval is a forward pass with
+running statistics. torchvision runs with channels_last when torch is installed (see the
+README for installing it over a CPU torch). The script assumes nothing about the platform:
+on a GPU or TPU host it measures there and adds model FLOP utilization where the chip's
+peak is known.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = {
+  # name: (growth_rate, block_config, num_init_features, stem, num_classes)
+  'densenet121': (32, (6, 12, 24, 16), 64, 'imagenet', 1000),
+  'densenet_bc_100': (12, (16, 16, 16), 24, 'cifar', 10),
+}
+# Dense peak FLOP/s per chip for the dtype measured (fp32 here): for utilization figures.
+PEAK_FLOPS = {
+  'TPU v4': 275e12,
+  'TPU v5 lite': 197e12,
+  'TPU v5p': 459e12,
+  'NVIDIA A100': 19.5e12,
+  'NVIDIA H100': 67e12,
+}
+
+
+def median_seconds(step, warmup: int, steps: int) -> float:
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def jax_worker(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from flax_baseline import BaselineDenseNet
+
+  import densenet_jax
+
+  growth, blocks, init, stem, classes = MODELS[args.model]
+  if args.side == 'baseline':
+    model = BaselineDenseNet(growth, blocks, init, num_classes=classes, stem=stem)
+  else:
+    model = densenet_jax.DenseNet(
+      growth_rate=growth,
+      block_config=blocks,
+      num_init_features=init,
+      stem=stem,
+      num_classes=classes,
+      memory_efficient=args.side == 'densenet-jax-memory-efficient',
+    )
+  images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
+  labels = jax.random.randint(jax.random.key(1), (args.batch,), 0, classes)
+  variables = model.init(jax.random.key(2), images[:1], train=False)
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
+  # A copy: the train step donates its state, and eval still reads `variables`.
+  state = jax.tree.map(
+    jnp.copy, (variables['params'], variables['batch_stats'], tx.init(variables['params']))
+  )
+
+  def train_step(state, images, labels):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+      )
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates['batch_stats']
+
+    (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state
+
+  def eval_step(variables, images):
+    return model.apply(variables, images, train=False)
+
+  start = time.perf_counter()
+  train = jax.jit(train_step, donate_argnums=0).lower(state, images, labels).compile()
+  compile_seconds = time.perf_counter() - start
+  evaluate = jax.jit(eval_step).lower(variables, images).compile()
+  holder = [state]
+
+  def run_train():
+    holder[0] = train(holder[0], images, labels)
+    jax.block_until_ready(holder[0])
+
+  train_seconds = median_seconds(run_train, args.warmup, args.steps)
+  eval_seconds = median_seconds(
+    lambda: evaluate(variables, images).block_until_ready(), args.warmup, args.steps
+  )
+  cost = train.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  device = jax.devices()[0]
+  return {
+    'train_img_s': args.batch / train_seconds,
+    'eval_img_s': args.batch / eval_seconds,
+    'compile_s': compile_seconds,
+    'train_gflop_per_image': cost.get('flops', float('nan')) / args.batch / 1e9,
+    'temp_mib': train.memory_analysis().temp_size_in_bytes / 2**20,
+    'device': f'{device.platform}:{device.device_kind}',
+  }
+
+
+def torch_worker(args) -> dict:
+  import torch
+
+  torch.library.register_fake = lambda *a, **k: lambda f: f  # torchvision's CUDA wheel on CPU torch
+  import torchvision
+
+  growth, blocks, init, _, classes = MODELS[args.model]
+  model = torchvision.models.DenseNet(growth, blocks, init, num_classes=classes)
+  if MODELS[args.model][3] == 'cifar':
+    model.features = torch.nn.Sequential(
+      torch.nn.Conv2d(3, init, 3, padding=1, bias=False), *list(model.features.children())[4:]
+    )
+  model = model.to(memory_format=torch.channels_last)
+  images = torch.randn(args.batch, 3, args.size, args.size).to(memory_format=torch.channels_last)
+  labels = torch.randint(0, classes, (args.batch,))
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+  def run_train():
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+
+  def run_eval():
+    model.eval()
+    with torch.inference_mode():
+      model(images)
+
+  return {
+    'train_img_s': args.batch / median_seconds(run_train, args.warmup, args.steps),
+    'eval_img_s': args.batch / median_seconds(run_eval, args.warmup, args.steps),
+    'device': f'cpu ({torch.get_num_threads()} threads)',
+  }
+
+
+def run_side(side: str, args) -> dict | None:
+  command = [sys.executable, os.path.abspath(__file__), '--worker', side]
+  for name in ('model', 'batch', 'size', 'warmup', 'steps'):
+    command += [f'--{name}', str(getattr(args, name))]
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode:
+    print(f'{side}: failed\n{result.stderr[-2000:]}', file=sys.stderr)
+    return None
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='densenet121', choices=sorted(MODELS))
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--sides', default='densenet-jax,baseline,torch')
+  parser.add_argument('--worker', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    args.side = args.worker
+    print(json.dumps(torch_worker(args) if args.worker == 'torch' else jax_worker(args)))
+    return
+
+  sides = args.sides.split(',')
+  if 'torch' in sides:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      sides.remove('torch')
+      print('torch is not installed: torchvision is left out.')
+  results = {side: [] for side in sides}
+  for round_index in range(args.rounds):
+    for side in sides if round_index % 2 == 0 else reversed(sides):  # alternate the order
+      measured = run_side(side, args)
+      if measured:
+        results[side].append(measured)
+        print(
+          f'round {round_index + 1} {side}: '
+          + ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in measured.items()),
+          flush=True,
+        )
+
+  summary = {}
+  for side, runs in results.items():
+    if runs:
+      summary[side] = {
+        k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)
+      }
+      summary[side]['device'] = runs[0]['device']
+  gflop = summary.get('densenet-jax', summary.get('baseline', {})).get('train_gflop_per_image')
+  print(f'\n{args.model}, batch {args.batch}, {args.size}x{args.size}, fp32, median of {args.rounds} rounds:')
+  print(
+    f'{"side":<32}{"train img/s":>12}{"eval img/s":>12}{"train GFLOP/s":>15}{"compile s":>11}{"temp MiB":>10}'
+  )
+  for side, m in summary.items():
+    train_gflops = m['train_img_s'] * gflop if gflop else float('nan')
+    print(
+      f'{side:<32}{m["train_img_s"]:>12.2f}{m["eval_img_s"]:>12.2f}{train_gflops:>15.1f}'
+      f'{m.get("compile_s", float("nan")):>11.1f}{m.get("temp_mib", float("nan")):>10.0f}'
+    )
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in m['device']), None)
+    if peak and gflop:
+      print(f'{"":<32}model FLOP utilization {100 * train_gflops * 1e9 / peak:.1f}% of {m["device"]}')
+  if 'densenet-jax' in summary:
+    ours = summary['densenet-jax']
+    for other in [s for s in summary if s != 'densenet-jax']:
+      print(
+        f'densenet-jax / {other}: train {ours["train_img_s"] / summary[other]["train_img_s"]:.2f}x, '
+        f'eval {ours["eval_img_s"] / summary[other]["eval_img_s"]:.2f}x'
+      )
+  print(f'(train step: {gflop:.2f} GFLOP per image by XLA cost analysis)' if gflop else '')
+
+
+if __name__ == '__main__':
+  main()
