@@ -45,23 +45,26 @@ def load_pth(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   return {key: value.detach().cpu().numpy() for key, value in state_dict.items()}
 
 
+def model_config(model: DenseNet) -> dict[str, Any]:
+  """The `DenseNet` keyword arguments that fix the variables' shapes (saved beside them)."""
+  names = (
+    'growth_rate',
+    'block_config',
+    'num_init_features',
+    'bn_size',
+    'compression',
+    'num_classes',
+    'stem',
+  )
+  return {name: getattr(model, name) for name in names}
+
+
 def save_checkpoint(directory: str | pathlib.Path, model: DenseNet, variables: dict) -> pathlib.Path:
   """Writes `variables` and `model`'s configuration as an orbax checkpoint; never overwrites."""
   directory = pathlib.Path(directory).absolute()
   if directory.exists():
     raise FileExistsError(f'{directory} exists; choose a new directory (nothing was overwritten).')
-  config = {
-    name: getattr(model, name)
-    for name in (
-      'growth_rate',
-      'block_config',
-      'num_init_features',
-      'bn_size',
-      'compression',
-      'num_classes',
-      'stem',
-    )
-  }
+  config = model_config(model)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(
       directory,

@@ -400,20 +400,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Set
   )
 
 
-def model_config(model: models.DenseNet) -> dict[str, Any]:
-  """The `DenseNet` keyword arguments that fix the variables' shapes (as convert.py saves)."""
-  names = (
-    'growth_rate',
-    'block_config',
-    'num_init_features',
-    'bn_size',
-    'compression',
-    'num_classes',
-    'stem',
-  )
-  return {name: getattr(model, name) for name in names}
-
-
 def load_init_from(s: Setup, state: TrainState) -> TrainState:
   """`state` with the params and batch_stats of `config.init_from` (a converted checkpoint)."""
   path = pathlib.Path(s.config.init_from).expanduser()
@@ -662,7 +648,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     f'per epoch, {s.total_steps} steps; workdir {s.workdir}.'
   )
   print_summary(s)
-  checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, model_config(s.model))
+  checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, convert.model_config(s.model))
   state = checkpoints.restore_latest(s.abstract_state)
   if state is not None:
     log(f'Resuming from the checkpoint at step {int(to_host(state.step))} in {checkpoints.directory}.')
@@ -781,7 +767,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   checkpoints_dir = s.workdir / 'checkpoints'
   state = None
   if checkpoints_dir.exists():
-    checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, model_config(s.model))
+    checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, convert.model_config(s.model))
     state = checkpoints.restore_latest(s.abstract_state)
     checkpoints.close()
   if state is None:
