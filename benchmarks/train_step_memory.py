@@ -1,10 +1,14 @@
-"""XLA temp memory of one train step, with and without memory_efficient.
+"""XLA temp memory of one train step, with and without memory_efficient, across depths.
 
-  python benchmarks/train_step_memory.py --model densenet121 --batch 16 --size 224
+  python benchmarks/train_step_memory.py                  # 121, 169, 201, 264; batch 16, 224x224
+  python benchmarks/train_step_memory.py --models densenet121 --batch 32
 
 Compiles (does not run) forward + backward + a Nesterov SGD update with weight decay,
-and reads `jax.jit(step).lower(...).compile().memory_analysis()`. Both variants are
-measured in the same process on the same backend; the ratio is printed.
+and reads `jax.jit(step).lower(...).compile().memory_analysis()`. Every variant is
+measured in the same process on the same backend. The table gives each model's temp
+memory and the ratio efficient / plain; the last line how each grows with depth.
+`tests/test_memory_efficient.py` checks the growth itself (linear vs quadratic) on
+one dense block of 6, 12 and 24 layers.
 """
 
 import argparse
@@ -59,19 +63,27 @@ def train_step_memory(model: densenet_jax.DenseNet, batch: int, size: int) -> tu
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', choices=sorted(MODELS), default='densenet121')
+  depths = ['densenet121', 'densenet169', 'densenet201', 'densenet264']
+  parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=depths)
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--size', type=int, default=224)
   args = parser.parse_args()
-  print(f'{args.model}, batch {args.batch}, {args.size}x{args.size}, fp32, backend {jax.default_backend()}')
-  results = {}
-  for efficient in (False, True):
-    results[efficient] = train_step_memory(
-      MODELS[args.model](memory_efficient=efficient), args.batch, args.size
+  print(f'batch {args.batch}, {args.size}x{args.size}, fp32, backend {jax.default_backend()}')
+  print('| model | dense layers | plain MiB | memory_efficient MiB | efficient / plain |')
+  print('|---|---|---|---|---|')
+  rows = []
+  for name in args.models:
+    (plain, _), (efficient, _) = (
+      train_step_memory(MODELS[name](memory_efficient=flag), args.batch, args.size) for flag in (False, True)
     )
-    mib, seconds = results[efficient]
-    print(f'  memory_efficient={efficient!s:5}  temp {mib:8.1f} MiB  (compile {seconds:.1f} s)')
-  print(f'  ratio efficient / plain: {results[True][0] / results[False][0]:.3f}')
+    rows.append((name, sum(MODELS[name]().block_config), plain, efficient))
+    print(f'| {name} | {rows[-1][1]} | {plain:.0f} | {efficient:.0f} | {efficient / plain:.3f} |', flush=True)
+  if len(rows) > 1:
+    (first, layers0, plain0, efficient0), (last, layers1, plain1, efficient1) = rows[0], rows[-1]
+    print(
+      f'{first} -> {last}: dense layers x{layers1 / layers0:.2f}, plain memory x{plain1 / plain0:.2f}, '
+      f'memory_efficient x{efficient1 / efficient0:.2f}'
+    )
 
 
 if __name__ == '__main__':

@@ -13,14 +13,14 @@ Example:
   ...                               mutable=['batch_stats'])
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
+import numpy as np
 
 ModuleDef = Any
 Dtype = Any
@@ -29,9 +29,6 @@ Dtype = Any
 # untruncated) and the classifier with torch's default Linear init, U(+-1/sqrt(fan_in)).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-# Name of the saved residual in memory-efficient mode (see `DenseBlock`).
-BOTTLENECK_OUTPUT = 'bottleneck_output'
 
 
 class PointwiseConv(nn.Module):
@@ -58,14 +55,16 @@ class DenseLayer(nn.Module):
   """BN-ReLU-1x1 conv (the bottleneck, `bn_size * growth_rate` channels)-BN-ReLU-3x3 conv.
 
   Without a bottleneck (`bn_size=None`, the paper's plain DenseNet) the layer is
-  BN-ReLU-3x3 conv, named `norm1`/`conv1`.
+  BN-ReLU-3x3 conv, named `norm1`/`conv1`. The layer is two methods, `bottleneck`
+  (concatenation to the first convolution) and `head` (the rest), so that the
+  memory-efficient `DenseBlock` can keep `bottleneck`'s output and recompute the rest.
 
   Attributes:
     growth_rate: channels each layer adds (k).
     bn_size: bottleneck width as a multiple of `growth_rate`; None for no bottleneck.
     drop_rate: dropout rate on the layer's new features (torchvision's `drop_rate`).
     conv: convolution constructor (no bias).
-    norm: BatchNorm constructor without `use_running_average`.
+    norm: BatchNorm constructor (`use_running_average` is given per call).
     pointwise: 1x1 convolution constructor (e.g. `PointwiseConv`); `conv` if None.
   """
 
@@ -76,34 +75,48 @@ class DenseLayer(nn.Module):
   norm: ModuleDef
   pointwise: ModuleDef | None = None
 
-  @nn.compact
-  def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
-    """Returns the `growth_rate` new channels computed from all earlier `features`."""
-    norm = partial(self.norm, use_running_average=not train)
-    # The layer takes the list of earlier feature maps, not their concatenation, so that
-    # in memory-efficient mode the concatenation is recomputed instead of stored.
-    x = jnp.concatenate(features, axis=-1)
-    x = nn.relu(norm(name='norm1')(x))
+  def setup(self):
+    self.norm1 = self.norm()
     if self.bn_size is None:
-      x = self.conv(self.growth_rate, (3, 3), padding=1, name='conv1')(x)
+      self.conv1 = self.conv(self.growth_rate, (3, 3), padding=1)
     else:
-      x = _pointwise(self.pointwise, self.conv, self.bn_size * self.growth_rate, 'conv1')(x)
-      x = checkpoint_name(x, BOTTLENECK_OUTPUT)
-      x = nn.relu(norm(name='norm2')(x))
-      x = self.conv(self.growth_rate, (3, 3), padding=1, name='conv2')(x)
+      self.conv1 = _pointwise(self.pointwise, self.conv, self.bn_size * self.growth_rate)
+      self.norm2 = self.norm()
+      self.conv2 = self.conv(self.growth_rate, (3, 3), padding=1)
     if self.drop_rate > 0:
-      x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+      self.dropout = nn.Dropout(self.drop_rate)
+
+  def __call__(
+    self, features: Sequence[jax.Array], train: bool, dropout_rng: jax.Array | None = None
+  ) -> jax.Array:
+    """Returns the `growth_rate` new channels computed from all earlier `features`.
+
+    `dropout_rng` is the dropout key (drawn from the 'dropout' rng stream if None).
+    """
+    return self.head(self.bottleneck(features, train), train, dropout_rng)
+
+  def bottleneck(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
+    """Concatenation-BN-ReLU-first convolution."""
+    x = jnp.concatenate(features, axis=-1)
+    return self.conv1(nn.relu(self.norm1(x, use_running_average=not train)))
+
+  def head(self, x: jax.Array, train: bool, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """BN-ReLU-3x3 conv after the bottleneck (nothing without one), then dropout."""
+    if self.bn_size is not None:
+      x = self.conv2(nn.relu(self.norm2(x, use_running_average=not train)))
+    if self.drop_rate > 0:
+      x = self.dropout(x, deterministic=not train, rng=dropout_rng)
     return x
 
 
 class DenseBlock(nn.Module):
   """`num_layers` dense layers, each fed the concatenation of all earlier features.
 
-  With `memory_efficient=True` each layer is wrapped in `nn.remat` with a policy that
-  keeps only the bottleneck's output: the concatenation and BN-ReLU before the 1x1
-  conv (and the cheap BN-ReLU after it) are recomputed in the backward pass, so the
-  memory kept per layer no longer grows with the number of channels seen. This is
-  torchvision's `memory_efficient` (Pleiss et al., 2017), and the numbers are the same.
+  With `memory_efficient=True`, training keeps only each layer's new features and its
+  bottleneck output, so memory grows linearly with depth instead of quadratically (the
+  concatenations and BN-ReLUs before each bottleneck are what grows; Pleiss et al.,
+  2017, and torchvision's `memory_efficient`). See `_memory_efficient_block`. The
+  numbers are the same as without it.
   """
 
   num_layers: int
@@ -117,29 +130,106 @@ class DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    layer_cls = DenseLayer
-    if self.memory_efficient:
-      layer_cls = nn.remat(
-        DenseLayer,
-        static_argnums=(2,),  # `train`; Flax counts `self` as argument 0.
-        policy=jax.checkpoint_policies.save_only_these_names(BOTTLENECK_OUTPUT),
+    layer = partial(
+      DenseLayer,
+      growth_rate=self.growth_rate,
+      bn_size=self.bn_size,
+      drop_rate=self.drop_rate,
+      conv=self.conv,
+      norm=self.norm,
+      pointwise=self.pointwise,
+    )
+    names = [f'denselayer{i + 1}' for i in range(self.num_layers)]
+    # Dropout keys are drawn here, so that both ways of computing the block use the same.
+    dropout = train and self.drop_rate > 0
+    rngs = [self.make_rng('dropout') for _ in names] if dropout else [None] * len(names)
+    if self.memory_efficient and train and not self.is_initializing():
+      # The layers run as pure functions of their variables under one custom gradient.
+      variables = self.variables
+      y, batch_stats = _memory_efficient_block(layer(parent=None))(
+        [variables['params'][name] for name in names],
+        [variables['batch_stats'][name] for name in names],
+        x,
+        rngs if dropout else None,
       )
-    layers = [
-      layer_cls(
-        growth_rate=self.growth_rate,
-        bn_size=self.bn_size,
-        drop_rate=self.drop_rate,
-        conv=self.conv,
-        norm=self.norm,
-        pointwise=self.pointwise,
-        name=f'denselayer{i + 1}',
-      )
-      for i in range(self.num_layers)
-    ]
+      for name, stats in zip(names, batch_stats, strict=True):
+        self.put_variable('batch_stats', name, stats)
+      return y
     features = [x]
-    for layer in layers:
-      features.append(layer(features, train))
+    for name, rng in zip(names, rngs, strict=True):
+      features.append(layer(name=name)(features, train, rng))
     return jnp.concatenate(features, axis=-1)
+
+
+def _memory_efficient_block(layer: DenseLayer) -> Callable[..., tuple[jax.Array, list[Any]]]:
+  """A dense block in training mode whose backward pass recomputes instead of storing.
+
+  The returned function maps (per-layer params, per-layer batch_stats, block input,
+  per-layer dropout keys or None) to (block output, updated per-layer batch_stats),
+  computing exactly what `DenseLayer` computes. Its gradient keeps only the block's
+  new features and each layer's bottleneck output from the forward pass, and walks
+  the layers backwards:
+
+  * each layer's concatenation and BN-ReLUs are recomputed from the stored features and
+    bottleneck output; its convolutions are not (XLA drops their unused outputs);
+  * the recomputation takes an input that depends on the layer's output gradient, so
+    XLA can neither merge it with the forward pass (XLA:CPU drops the
+    `optimization_barrier` that `jax.checkpoint` relies on) nor run it early;
+  * the gradients of all earlier features accumulate in one buffer updated in place,
+    layer by layer, so no layer's concatenation-sized gradient outlives the layer.
+  """
+
+  def apply(variables, method, *args):
+    return layer.apply(variables, *args, method=method, mutable=['batch_stats'])
+
+  def forward(params, batch_stats, x, rngs):
+    features, bottlenecks, new_stats = [x], [], []
+    for i, (layer_params, stats) in enumerate(zip(params, batch_stats, strict=True)):
+      rng = None if rngs is None else rngs[i]
+      h, updates = apply({'params': layer_params, 'batch_stats': stats}, 'bottleneck', features, True)
+      new, updates = apply({'params': layer_params, **updates}, 'head', h, True, rng)
+      features.append(new)
+      bottlenecks.append(h)
+      new_stats.append(updates['batch_stats'])
+    return (jnp.concatenate(features, axis=-1), new_stats), (params, batch_stats, features, bottlenecks, rngs)
+
+  def layer_vjp(params, batch_stats, features, bottleneck, rng, output_grad):
+    """(param grads, input feature grads) of one layer, recomputing its BN-ReLUs."""
+    # Zero, but XLA cannot know it without computing the gradient: see the docstring.
+    zero = output_grad.reshape(-1)[0] * 0
+    features, bottleneck = jax.tree.map(lambda a: a + zero.astype(a.dtype), (features, bottleneck))
+
+    def run(method, p, *args):
+      return apply({'params': p, 'batch_stats': batch_stats}, method, *args)[0]
+
+    _, head_vjp = jax.vjp(lambda p, h: run('head', p, h, True, rng), params, bottleneck)
+    head_grads, bottleneck_grad = head_vjp(output_grad)
+    _, bottleneck_vjp = jax.vjp(lambda p, fs: run('bottleneck', p, fs, True), params, features)
+    bottleneck_grads, feature_grads = bottleneck_vjp(bottleneck_grad)
+    return jax.tree.map(jnp.add, head_grads, bottleneck_grads), feature_grads
+
+  def backward(residuals, cotangents):
+    params, batch_stats, features, bottlenecks, rngs = residuals
+    gradient, _ = cotangents  # The running averages have no gradient.
+    ends = np.cumsum([f.shape[-1] for f in features])
+    param_grads = [None] * len(params)
+    for i in reversed(range(len(params))):
+      param_grads[i], feature_grads = layer_vjp(
+        params[i],
+        batch_stats[i],
+        features[: i + 1],
+        bottlenecks[i],
+        None if rngs is None else rngs[i],
+        gradient[..., ends[i] : ends[i + 1]],
+      )
+      gradient = jax.lax.dynamic_update_slice_in_dim(
+        gradient, gradient[..., : ends[i]] + jnp.concatenate(feature_grads, axis=-1), 0, axis=-1
+      )
+    return param_grads, None, gradient[..., : ends[0]], None
+
+  block = jax.custom_vjp(lambda *args: forward(*args)[0])
+  block.defvjp(forward, backward)
+  return block
 
 
 class Transition(nn.Module):
@@ -153,12 +243,12 @@ class Transition(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.relu(self.norm(use_running_average=not train, name='norm')(x))
-    x = _pointwise(self.pointwise, self.conv, self.num_output_features, 'conv')(x)
+    x = _pointwise(self.pointwise, self.conv, self.num_output_features, name='conv')(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-def _pointwise(pointwise: ModuleDef | None, conv: ModuleDef, features: int, name: str) -> nn.Module:
-  return pointwise(features, name=name) if pointwise is not None else conv(features, (1, 1), name=name)
+def _pointwise(pointwise: ModuleDef | None, conv: ModuleDef, features: int, **kwargs: Any) -> nn.Module:
+  return pointwise(features, **kwargs) if pointwise is not None else conv(features, (1, 1), **kwargs)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

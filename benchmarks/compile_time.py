@@ -1,0 +1,111 @@
+"""Compile time of the trainer's train step: cold, and warm from the persistent cache.
+
+  python benchmarks/compile_time.py                      # DenseNet-121, batch 16, 224x224, fp32
+  python benchmarks/compile_time.py --config configs/cifar10.py --batch 64
+
+Times `jax.jit(train_lib.train_step)` exactly as `train.py` builds it from the config (model,
+optimizer, shardings, donation). Each measurement runs in a fresh process: the first with an
+empty compilation cache (cold: trace, lower, XLA compile, cache write), the next ones with
+the cache the first wrote (warm: what a restarted or resumed run pays). Trace+lower and
+compile are reported apart; their sum is what a run waits for.
+"""
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def worker(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from densenet_jax import train_lib
+
+  jax.config.update('jax_compilation_cache_dir', args.cache_dir)
+  spec = importlib.util.spec_from_file_location('config', args.config)
+  config_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config_module)
+  config = config_module.get_config()
+  config.batch_size = args.batch
+  config.image_size = args.size
+  model = train_lib.create_model(config, args.num_classes)
+  tx = train_lib.create_optimizer(config, lambda step: config.learning_rate)
+  mesh = Mesh(jax.devices(), ('data',))
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+  def init():
+    variables = model.init(jax.random.key(0), jnp.zeros((1, args.size, args.size, 3)), train=False)
+    return train_lib.TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      train_metrics=train_lib.zero_train_metrics(),
+      tx=tx,
+    )
+
+  state = jax.eval_shape(init)
+  batch = {
+    'image': jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32),
+    'label': jax.ShapeDtypeStruct((args.batch,), jnp.int32),
+  }
+  step = jax.jit(
+    functools.partial(train_lib.train_step, dropout_key=jax.random.key(1), label_smoothing=0.0),
+    in_shardings=(replicated, data_sharding),
+    out_shardings=replicated,
+    donate_argnums=0,
+  )
+  start = time.perf_counter()
+  lowered = step.lower(state, batch)
+  lowered_at = time.perf_counter()
+  lowered.compile()
+  compiled_at = time.perf_counter()
+  return {'lower': lowered_at - start, 'compile': compiled_at - lowered_at}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/densenet121.py')
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--num-classes', type=int, default=1000)
+  parser.add_argument('--warm-runs', type=int, default=3)
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--cache-dir', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(args)))
+    return
+
+  import jax
+
+  print(f'{args.config}, batch {args.batch}, {args.size}x{args.size}, backend {jax.default_backend()}')
+  with tempfile.TemporaryDirectory() as cache_dir:
+    command = [sys.executable, __file__, '--worker', '--cache-dir', cache_dir]
+    command += ['--config', args.config, '--batch', str(args.batch), '--size', str(args.size)]
+    command += ['--num-classes', str(args.num_classes)]
+    runs = []
+    for run in range(1 + args.warm_runs):
+      output = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
+      runs.append(json.loads(output.strip().splitlines()[-1]))
+      kind = 'cold' if run == 0 else 'warm'
+      seconds = runs[-1]['lower'] + runs[-1]['compile']
+      print(
+        f'  {kind}: {seconds:5.1f} s  (trace+lower {runs[-1]["lower"]:.1f} s, '
+        f'compile {runs[-1]["compile"]:.1f} s)',
+        flush=True,
+      )
+  warm = statistics.median(r['lower'] + r['compile'] for r in runs[1:])
+  print(f'  cold {runs[0]["lower"] + runs[0]["compile"]:.1f} s, warm (median) {warm:.1f} s')
+
+
+if __name__ == '__main__':
+  main()
