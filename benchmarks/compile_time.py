@@ -31,6 +31,7 @@ def worker(args) -> dict:
   from densenet_jax import train_lib
 
   jax.config.update('jax_compilation_cache_dir', args.cache_dir)
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
   spec = importlib.util.spec_from_file_location('config', args.config)
   config_module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(config_module)

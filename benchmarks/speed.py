@@ -174,7 +174,7 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--sides', default='densenet-jax,baseline,torch')
+  parser.add_argument('--sides', default='densenet-jax,densenet-jax-memory-efficient,baseline,torch')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -222,12 +222,11 @@ def main() -> None:
     peak = next((v for k, v in PEAK_FLOPS.items() if k in m['device']), None)
     if peak and gflop:
       print(f'{"":<32}model FLOP utilization {100 * train_gflops * 1e9 / peak:.1f}% of {m["device"]}')
-  if 'densenet-jax' in summary:
-    ours = summary['densenet-jax']
-    for other in [s for s in summary if s != 'densenet-jax']:
+  for ours in [s for s in summary if s.startswith('densenet-jax')]:
+    for other in [s for s in summary if not s.startswith('densenet-jax')]:
       print(
-        f'densenet-jax / {other}: train {ours["train_img_s"] / summary[other]["train_img_s"]:.2f}x, '
-        f'eval {ours["eval_img_s"] / summary[other]["eval_img_s"]:.2f}x'
+        f'{ours} / {other}: train {summary[ours]["train_img_s"] / summary[other]["train_img_s"]:.2f}x, '
+        f'eval {summary[ours]["eval_img_s"] / summary[other]["eval_img_s"]:.2f}x'
       )
   print(f'(train step: {gflop:.2f} GFLOP per image by XLA cost analysis)' if gflop else '')
 

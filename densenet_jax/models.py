@@ -270,8 +270,10 @@ class DenseNet(nn.Module):
     drop_rate: dropout rate after each dense layer (needs a 'dropout' rng in training).
     num_classes: classifier outputs.
     stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or 'cifar' (3x3 conv).
-    memory_efficient: recompute each layer's bottleneck in the backward pass instead
-      of storing it (see `DenseBlock`); same numbers, less memory, a little more compute.
+    memory_efficient: in training, keep only each dense layer's new features and
+      bottleneck output and recompute its concatenation and BN-ReLUs in the backward
+      pass (see `DenseBlock`): the same numbers, memory linear instead of quadratic in
+      depth. Not forward-mode differentiable (it is a `jax.custom_vjp`).
     features_only: return a dict of the per-stage features (torchvision's `features`
       children names: 'conv0', 'norm0', 'relu0', 'pool0', 'denseblock1',
       'transition1', ..., 'norm5') instead of logits; no classifier is created.
