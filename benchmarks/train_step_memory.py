@@ -8,7 +8,7 @@ and reads `jax.jit(step).lower(...).compile().memory_analysis()`. Every variant 
 measured in the same process on the same backend. The table gives each model's temp
 memory and the ratio efficient / plain; the last line how each grows with depth.
 `tests/test_memory_efficient.py` checks the growth itself (linear vs quadratic) on
-one dense block of 6, 12 and 24 layers.
+one dense block of 8, 16 and 32 layers.
 """
 
 import argparse
