@@ -2,7 +2,10 @@
 
 DenseNet-121 on imagenet2012: batch 256, SGD with Nesterov momentum 0.9, learning rate
 0.1 x batch/256, weight decay 1e-4, 90 epochs, learning rate /10 at epochs 30 and 60
-(Huang et al., 2017, Sec. 4.2). Variant files (`configs/densenet121.py`, `cifar10.py`,
+(Huang et al., 2017, Sec. 4.2); random-resized crop + flip, 224x224 center-crop eval.
+imagenet2012 needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in
+~/tensorflow_datasets/downloads/manual/ (or set --config.manual_dir). Warmup + cosine instead:
+--config.schedule=cosine --config.warmup_epochs=5. Variant files (`configs/densenet121.py`, `cifar10.py`,
 `digits.py`, ...) start from this and override what differs. Any field can be overridden on
 the command line:
 
