@@ -210,10 +210,10 @@ def train_step(
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = state.train_metrics
   # A non-finite loss, or an update that made a parameter non-finite, marks the step (cheap
-  # next to the step itself), so that no such state is ever checkpointed.
-  finite = jnp.isfinite(loss) & jnp.all(
-    jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)])
-  )
+  # next to the step itself), so that no such state is ever checkpointed. One reduction over all
+  # parameters at once: a reduction per parameter shape cost ~4 s of XLA compile for DenseNet-121.
+  all_params = jnp.concatenate([jnp.ravel(p) for p in jax.tree.leaves(state.params)])
+  finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(all_params))
   return state.replace(
     train_metrics={
       'loss_sum': metrics['loss_sum'] + loss,
