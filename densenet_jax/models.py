@@ -48,7 +48,11 @@ class PointwiseConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    # A 2-D product (pixels x channels): its kernel gradient is then one plain matrix product.
+    # Contracting N, H and W of a 4-D array instead made XLA:CPU write the output gradient
+    # transposed, fused with the BatchNorm backward: ~10% of a DenseNet-121 train step.
+    y = jax.lax.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0])
+    return y.reshape(*x.shape[:-1], self.features)
 
 
 class DenseLayer(nn.Module):
