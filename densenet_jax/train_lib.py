@@ -282,6 +282,11 @@ class Checkpoints:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
       item_names=('state', 'model_config'),
     )
+    # Orbax removes the half-written directories of a killed run in a background thread and
+    # waits for it only at the first save. Wait now, so that nothing else touches the filesystem
+    # while it runs (under tfds.testing.mock_data, the input pipeline's patched filesystem did).
+    # The method is private: on an Orbax without it, the first save still waits.
+    getattr(self.manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
 
   def save(self, state: TrainState) -> int:
     step = int(to_host(state.step))
