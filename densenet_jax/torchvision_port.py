@@ -258,15 +258,19 @@ def to_torchvision(variables: Mapping[str, Any], num_batches_tracked: int = 0) -
   for path, value in params.items():
     *module, leaf = path
     prefix = 'classifier' if module == ['classifier'] else 'features.' + '.'.join(module)
-    array = np.asarray(value, np.float32)
+    # Copies, C-contiguous in torch's layout: `torch.from_numpy` takes them as they are (a view
+    # of a JAX array is read-only, and torch warns), and they share no memory with `variables`.
+    array = np.array(value, np.float32)
     if leaf == 'kernel':
-      state_dict[f'{prefix}.weight'] = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+      state_dict[f'{prefix}.weight'] = np.ascontiguousarray(
+        array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+      )
     elif leaf == 'scale':
       state_dict[f'{prefix}.weight'] = array
     else:
       state_dict[f'{prefix}.bias'] = array
     if leaf == 'scale' and stats:
-      state_dict[f'{prefix}.running_mean'] = np.asarray(stats[(*module, 'mean')], np.float32)
-      state_dict[f'{prefix}.running_var'] = np.asarray(stats[(*module, 'var')], np.float32)
-      state_dict[f'{prefix}.num_batches_tracked'] = np.asarray(num_batches_tracked, np.int64)
+      state_dict[f'{prefix}.running_mean'] = np.array(stats[(*module, 'mean')], np.float32)
+      state_dict[f'{prefix}.running_var'] = np.array(stats[(*module, 'var')], np.float32)
+      state_dict[f'{prefix}.num_batches_tracked'] = np.array(num_batches_tracked, np.int64)
   return state_dict

@@ -46,6 +46,23 @@ def test_ported_variables_apply(tiny_model, tiny_reference):
   jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), ported, fresh)
 
 
+def test_exported_arrays_are_writable_contiguous_copies(tiny_model):
+  """What `torch.from_numpy` takes without a copy or a warning, sharing nothing with the input."""
+  variables = tiny_model.init(jax.random.key(0), np.zeros((1, 48, 48, 3)), train=False)  # JAX arrays
+  for key, value in to_torchvision(variables).items():
+    assert value.flags.writeable and value.flags.c_contiguous, key
+  numpy_variables = jax.tree.map(np.array, variables)
+  exported = to_torchvision(numpy_variables)
+  exported['classifier.bias'] += 1
+  exported['features.conv0.weight'] += 1
+  np.testing.assert_array_equal(
+    numpy_variables['params']['classifier']['bias'], variables['params']['classifier']['bias']
+  )
+  np.testing.assert_array_equal(
+    numpy_variables['params']['conv0']['kernel'], variables['params']['conv0']['kernel']
+  )
+
+
 def test_torch_tensors_are_accepted(tiny_reference, tiny_model):
   """Anything with .detach().cpu().numpy() (a torch tensor) is read without importing torch."""
 
