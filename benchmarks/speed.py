@@ -2,6 +2,7 @@
 
   python benchmarks/speed.py                       # DenseNet-121, batch 16, 224x224, fp32
   python benchmarks/speed.py --model densenet_bc_100 --batch 64 --size 32
+  python benchmarks/speed.py --sides densenet-jax --rounds 1 --profile 25   # where a train step goes
 
 Each side runs in its own process, the sides alternate over `--rounds`, and every figure is
 the median over rounds of the median step time after warm-up. A train step is forward,
@@ -9,15 +10,22 @@ backward and an SGD (Nesterov momentum, weight decay) update; eval is a forward 
 running statistics. torchvision runs with channels_last when torch is installed (see the
 README for installing it over a CPU torch). The script assumes nothing about the platform:
 on a GPU or TPU host it measures there and adds model FLOP utilization where the chip's
-peak is known.
+peak is known. `--profile N` also runs a few train steps under `jax.profiler` and prints, for
+each JAX side, the N XLA operations that take the longest (ms per step, with their HLO) and the
+time per kind of operation. XLA:CPU runs independent operations concurrently, so these times
+can add up to more than the step.
 """
 
 import argparse
+import collections
+import glob
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 MODELS = {
@@ -44,6 +52,39 @@ def median_seconds(step, warmup: int, steps: int) -> float:
     step()
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def profile_ops(compiled, run, steps: int = 3) -> dict[str, float]:
+  """Seconds per step of each XLA operation of `compiled` over `steps` calls of `run`."""
+  import jax
+
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      for _ in range(steps):
+        run()
+    (path,) = glob.glob(f'{directory}/**/*.xplane.pb', recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+  module = compiled.as_text().split('\n', 1)[0].split()[1]  # "HloModule jit_train_step, ..."
+  seconds = collections.Counter()
+  for plane in profile.planes:
+    for line in plane.lines:
+      on_device = plane.name.startswith('/device:') and line.name == 'XLA Ops'
+      for event in line.events:
+        stats = dict(event.stats)
+        if on_device or stats.get('hlo_module') == module.rstrip(','):  # XLA:CPU thunks
+          seconds[stats.get('hlo_op', event.name)] += event.duration_ns * 1e-9 / steps
+  return dict(seconds)
+
+
+def describe_ops(hlo_text: str, names) -> dict[str, str]:
+  """'opcode result-shape [window]' of each named instruction in an HLO module's text."""
+  described = {}
+  for name in names:
+    match = re.search(rf'%{re.escape(name)} = (\S+) (\S+?)\(.*?(window=\{{size=\S+)?', hlo_text)
+    if match:
+      shape, opcode, window = match.groups()
+      described[name] = f'{opcode} {shape.split("{")[0]}' + (f' {window[8:]}' if window else '')
+  return described
 
 
 def jax_worker(args) -> dict:
@@ -110,6 +151,18 @@ def jax_worker(args) -> dict:
   cost = train.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   device = jax.devices()[0]
+  profile = {}
+  if args.profile:
+    seconds = profile_ops(train, run_train)
+    top = sorted(seconds, key=seconds.get, reverse=True)[: args.profile]
+    described = describe_ops(train.as_text(), top)
+    kinds = collections.Counter()
+    for name, value in seconds.items():
+      kinds[re.sub(r'\.\d+$', '', name)] += value
+    profile = {
+      'profile_ops': [(name, seconds[name], described.get(name, '')) for name in top],
+      'profile_kinds': kinds.most_common(),
+    }
   return {
     'train_img_s': args.batch / train_seconds,
     'eval_img_s': args.batch / eval_seconds,
@@ -117,6 +170,7 @@ def jax_worker(args) -> dict:
     'train_gflop_per_image': cost.get('flops', float('nan')) / args.batch / 1e9,
     'temp_mib': train.memory_analysis().temp_size_in_bytes / 2**20,
     'device': f'{device.platform}:{device.device_kind}',
+    **profile,
   }
 
 
@@ -157,13 +211,26 @@ def torch_worker(args) -> dict:
 
 def run_side(side: str, args) -> dict | None:
   command = [sys.executable, os.path.abspath(__file__), '--worker', side]
-  for name in ('model', 'batch', 'size', 'warmup', 'steps'):
+  for name in ('model', 'batch', 'size', 'warmup', 'steps', 'profile'):
     command += [f'--{name}', str(getattr(args, name))]
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
     print(f'{side}: failed\n{result.stderr[-2000:]}', file=sys.stderr)
     return None
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_profile(side: str, ops, kinds) -> None:
+  """The slowest operations of a train step, and the time per kind of operation."""
+  if not ops:
+    return
+  total = sum(seconds for _, seconds in kinds)
+  print(f'{side}: the {len(ops)} slowest XLA operations of a train step (ms per step)')
+  for name, seconds, description in ops:
+    print(f'  {1e3 * seconds:8.1f}  {name:<36} {description}')
+  print(f'{side}: ms per step by kind of operation ({1e3 * total:.0f} ms in all XLA operations)')
+  for kind, seconds in kinds[: len(ops)]:
+    print(f'  {1e3 * seconds:8.1f}  {kind}')
 
 
 def main() -> None:
@@ -175,6 +242,7 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--sides', default='densenet-jax,densenet-jax-memory-efficient,baseline,torch')
+  parser.add_argument('--profile', type=int, default=0, metavar='N', help='print the N slowest XLA ops')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -194,6 +262,7 @@ def main() -> None:
     for side in sides if round_index % 2 == 0 else reversed(sides):  # alternate the order
       measured = run_side(side, args)
       if measured:
+        print_profile(side, measured.pop('profile_ops', None), measured.pop('profile_kinds', None))
         results[side].append(measured)
         print(
           f'round {round_index + 1} {side}: '
