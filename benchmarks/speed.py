@@ -64,26 +64,26 @@ def profile_ops(compiled, run, steps: int = 3) -> dict[str, float]:
         run()
     (path,) = glob.glob(f'{directory}/**/*.xplane.pb', recursive=True)
     profile = jax.profiler.ProfileData.from_file(path)
-  module = compiled.as_text().split('\n', 1)[0].split()[1]  # "HloModule jit_train_step, ..."
+  module = compiled.as_text().split('\n', 1)[0].split()[1].rstrip(',')  # "HloModule jit_train_step, ..."
   seconds = collections.Counter()
   for plane in profile.planes:
     for line in plane.lines:
       on_device = plane.name.startswith('/device:') and line.name == 'XLA Ops'
       for event in line.events:
         stats = dict(event.stats)
-        if on_device or stats.get('hlo_module') == module.rstrip(','):  # XLA:CPU thunks
+        if on_device or stats.get('hlo_module') == module:  # XLA:CPU thunks
           seconds[stats.get('hlo_op', event.name)] += event.duration_ns * 1e-9 / steps
   return dict(seconds)
 
 
 def describe_ops(hlo_text: str, names) -> dict[str, str]:
-  """'opcode result-shape [window]' of each named instruction in an HLO module's text."""
+  """'opcode result-shape' of each named instruction in an HLO module's text."""
   described = {}
   for name in names:
-    match = re.search(rf'%{re.escape(name)} = (\S+) (\S+?)\(.*?(window=\{{size=\S+)?', hlo_text)
+    match = re.search(rf'%{re.escape(name)} = (\S+) ([\w-]+)\(', hlo_text)
     if match:
-      shape, opcode, window = match.groups()
-      described[name] = f'{opcode} {shape.split("{")[0]}' + (f' {window[8:]}' if window else '')
+      shape, opcode = match.groups()
+      described[name] = f'{opcode} {shape.split("{")[0]}'
   return described
 
 
