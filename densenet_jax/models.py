@@ -55,6 +55,99 @@ class PointwiseConv(nn.Module):
     return y.reshape(*x.shape[:-1], self.features)
 
 
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over the last axis, optionally followed by ReLU, with a hand-written gradient.
+
+  The same variables (`params`: `scale`, `bias`; `batch_stats`: `mean`, `var`) and the same
+  forward numbers as `nn.BatchNorm(momentum, epsilon)` (+ `nn.relu` if `relu`). In training
+  it is one `jax.custom_vjp` whose backward is the textbook BatchNorm gradient, with the
+  ReLU's mask read from the saved output. A DenseNet-121 has 120 BatchNorms: as one
+  primitive each instead of autodiff through a dozen operations, its train step traces
+  and compiles about a sixth faster (README), and runs as fast.
+
+  Attributes:
+    use_running_average: normalise with the running averages instead of batch statistics.
+    momentum: weight of the old running average (PyTorch's momentum 0.1 is 0.9 here).
+    epsilon: added to the variance.
+    relu: apply ReLU to the output.
+    dtype: output dtype (statistics are computed in at least float32).
+    param_dtype: parameter dtype.
+  """
+
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  relu: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_running_average = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
+    features = (x.shape[-1],)
+    scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features)
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    if use_running_average:
+      return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.relu, dtype)
+    y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.relu, dtype)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
+
+
+def _normalize(x, mean, var, scale, bias, epsilon, relu, dtype):
+  """(x - mean) * rsqrt(var + epsilon) * scale + bias, in `nn.BatchNorm`'s order of operations."""
+  y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+  return jnp.asarray(nn.relu(y) if relu else y, dtype)
+
+
+def _statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x in at least float32, per-channel mean, biased variance), as `nn.BatchNorm` computes them."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  mean, mean_of_squares = x.mean(axes), jnp.square(x).mean(axes)
+  return x, mean, jnp.maximum(0.0, mean_of_squares - jnp.square(mean))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm_train(x, scale, bias, epsilon, relu, dtype):
+  """(BatchNorm with batch statistics [+ ReLU], batch mean, batch variance)."""
+  return _batch_norm_train_forward(x, scale, bias, epsilon, relu, dtype)[0]
+
+
+def _batch_norm_train_forward(x, scale, bias, epsilon, relu, dtype):
+  x32, mean, var = _statistics(x)
+  y = _normalize(x32, mean, var, scale, bias, epsilon, relu, dtype)
+  return (y, mean, var), (x, y if relu else None, mean, var, scale)
+
+
+def _batch_norm_train_backward(epsilon, relu, dtype, residuals, cotangents):
+  x, y, mean, var, scale = residuals
+  dy, dmean, dvar = cotangents
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  x32 = x.astype(mean.dtype)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  # Where the ReLU output is 0 the gradient stops: its input was <= 0 (the forward's own
+  # values decide, so no recomputation can round to the other side of 0).
+  g = jnp.where(y > 0, dy, 0).astype(mean.dtype) if relu else dy.astype(mean.dtype)
+  centered = x32 - mean
+  dbias = g.sum(axes)
+  dscale = (g * centered).sum(axes) * rstd
+  # d/dx of the normalisation through x, the batch mean and the batch variance, plus the
+  # cotangents of the returned statistics (zero when they only update running averages).
+  dx = (scale * rstd) * (g - dbias / count - centered * (rstd * dscale / count))
+  dx = dx + dmean / count + centered * (2 * dvar / count)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_forward, _batch_norm_train_backward)
+
+
 class DenseLayer(nn.Module):
   """BN-ReLU-1x1 conv (the bottleneck, `bn_size * growth_rate` channels)-BN-ReLU-3x3 conv.
 
@@ -80,12 +173,12 @@ class DenseLayer(nn.Module):
   pointwise: ModuleDef | None = None
 
   def setup(self):
-    self.norm1 = self.norm()
+    self.norm1 = self.norm(relu=True)
     if self.bn_size is None:
       self.conv1 = self.conv(self.growth_rate, (3, 3), padding=1)
     else:
       self.conv1 = _pointwise(self.pointwise, self.conv, self.bn_size * self.growth_rate)
-      self.norm2 = self.norm()
+      self.norm2 = self.norm(relu=True)
       self.conv2 = self.conv(self.growth_rate, (3, 3), padding=1)
     if self.drop_rate > 0:
       self.dropout = nn.Dropout(self.drop_rate)
@@ -102,12 +195,12 @@ class DenseLayer(nn.Module):
   def bottleneck(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
     """Concatenation-BN-ReLU-first convolution."""
     x = jnp.concatenate(features, axis=-1)
-    return self.conv1(nn.relu(self.norm1(x, use_running_average=not train)))
+    return self.conv1(self.norm1(x, use_running_average=not train))
 
   def head(self, x: jax.Array, train: bool, dropout_rng: jax.Array | None = None) -> jax.Array:
     """BN-ReLU-3x3 conv after the bottleneck (nothing without one), then dropout."""
     if self.bn_size is not None:
-      x = self.conv2(nn.relu(self.norm2(x, use_running_average=not train)))
+      x = self.conv2(self.norm2(x, use_running_average=not train))
     if self.drop_rate > 0:
       x = self.dropout(x, deterministic=not train, rng=dropout_rng)
     return x
@@ -246,7 +339,7 @@ class Transition(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.relu(self.norm(use_running_average=not train, name='norm')(x))
+    x = self.norm(use_running_average=not train, relu=True, name='norm')(x)
     x = _pointwise(self.pointwise, self.conv, self.num_output_features, name='conv')(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -384,7 +477,7 @@ class DenseNet(nn.Module):
     )
     # PyTorch's BN momentum 0.1 is Flax's 0.9 (the weight of the running average).
     norm = partial(
-      nn.BatchNorm,
+      BatchNorm,
       momentum=0.9,
       epsilon=1e-5,
       dtype=self.dtype,

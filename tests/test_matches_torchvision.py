@@ -6,7 +6,6 @@ PyTorch 2.13 (growth 8, blocks 2-3-2, 16 init features, 10 classes, 4x3x48x48 in
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ import optax
 import pytest
 from conftest import enable_x64, max_relative_error, section
 
-from densenet_jax import from_torchvision, to_torchvision
+from densenet_jax import BatchNorm, from_torchvision, to_torchvision
 
 
 @pytest.fixture(scope='module')
@@ -81,7 +80,7 @@ def batchnorm_sample_counts(model, variables, images) -> dict[str, int]:
     variables,
     images,
     train=False,
-    capture_intermediates=lambda module, _: isinstance(module, nn.BatchNorm),
+    capture_intermediates=lambda module, _: isinstance(module, BatchNorm),
     mutable=['intermediates'],
   )
   counts = {}
