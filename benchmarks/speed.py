@@ -8,7 +8,9 @@ Each side runs in its own process, the sides alternate over `--rounds`, and ever
 the median over rounds of the median step time after warm-up. A train step is forward,
 backward and an SGD (Nesterov momentum, weight decay) update; eval is a forward pass with
 running statistics. torchvision runs with channels_last when torch is installed (see the
-README for installing it over a CPU torch). The script assumes nothing about the platform:
+README for installing it over a CPU torch). Every side runs with glibc's malloc asking for
+huge pages, as `train.py` runs (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0 python
+benchmarks/speed.py` measures without). The script assumes nothing about the platform:
 on a GPU or TPU host it measures there and adds model FLOP utilization where the chip's
 peak is known. `--profile N` also runs a few train steps under `jax.profiler` and prints, for
 each JAX side, the N XLA operations that take the longest (ms per step, with their HLO) and the
@@ -246,6 +248,11 @@ def main() -> None:
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
+    # Every side, torch too, in the process environment train.py gives itself.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from train import restart_with_huge_page_malloc
+
+    restart_with_huge_page_malloc()
     args.side = args.worker
     print(json.dumps(torch_worker(args) if args.worker == 'torch' else jax_worker(args)))
     return

@@ -1,7 +1,11 @@
 """`python train.py` refuses bad input with one line that names the fix: no traceback, non-zero exit."""
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import run_train
+from conftest import REPO, run_train
 
 CASES = {
   'unknown config key': ([], ['--config.batch_sise=64'], 1, "unknown config key 'batch_sise'"),
@@ -34,3 +38,24 @@ def test_bad_input_is_one_clear_line(tmp_path, digits_data_dir, case):
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith('error: ') and expected in last_line, last_line
   assert not workdir.exists()  # Nothing was started, so nothing was written.
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='glibc tunables exist on Linux only')
+@pytest.mark.parametrize(
+  'given, runs',
+  [(None, ['', 'glibc.malloc.hugetlb=1']), ('glibc.malloc.hugetlb=0', ['glibc.malloc.hugetlb=0'])],
+)
+def test_train_restarts_once_with_huge_page_malloc_unless_told_otherwise(given, runs):
+  # Each run of this program prints the GLIBC_TUNABLES it started with: one line per exec.
+  program = (
+    "import os, train; print(os.environ.get('GLIBC_TUNABLES', ''), flush=True); "
+    'train.restart_with_huge_page_malloc()'
+  )
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  if given:
+    env['GLIBC_TUNABLES'] = given
+  result = subprocess.run(
+    [sys.executable, '-c', program], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == runs
