@@ -1,4 +1,4 @@
-"""The fused BatchNorm(-ReLU) with its hand-written gradient computes what nn.BatchNorm does."""
+"""The layers with hand-written derivatives (BatchNorm-ReLU, the stem conv) compute what Flax's do."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import enable_x64
 
-from densenet_jax import BatchNorm
+from densenet_jax import BatchNorm, DenseNet
+from densenet_jax.models import StemConv
 
 
 def outputs_and_gradients(module, variables, x, weights, activation):
@@ -90,3 +91,37 @@ def test_bfloat16_output_with_float32_statistics():
     lambda x: module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])[0].sum()
   )(x)
   assert grads.dtype == jnp.bfloat16 and bool(jnp.isfinite(grads.astype(jnp.float32)).all())
+
+
+def test_eval_mode_model_is_forward_mode_differentiable():
+  # The stem's custom JVP and the running-average BatchNorm keep jax.jvp working at eval.
+  model = DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, num_classes=3)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  direction = jax.random.normal(jax.random.key(2), x.shape)
+  _, tangent = jax.jvp(lambda x: model.apply(variables, x, train=False), (x,), (direction,))
+  _, vjp = jax.vjp(lambda x: model.apply(variables, x, train=False), x)
+  cotangent = jax.random.normal(jax.random.key(3), tangent.shape)
+  # <J d, c> == <d, J^T c>: forward and reverse mode agree.
+  np.testing.assert_allclose((tangent * cotangent).sum(), (direction * vjp(cotangent)[0]).sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize('kernel_size, stride, padding', [(7, 2, 3), (3, 1, 1), (3, 2, 0)])
+def test_stem_conv_values_and_derivatives_equal_nn_conv_in_float64(kernel_size, stride, padding):
+  with enable_x64():
+    x = jax.random.normal(jax.random.key(0), (2, 17, 15, 3), jnp.float64)
+    kwargs = dict(use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64)
+    ours = StemConv(5, kernel_size, stride, padding, dtype=jnp.float64, param_dtype=jnp.float64)
+    reference = nn.Conv(5, (kernel_size, kernel_size), (stride, stride), padding, **kwargs)
+    variables = ours.init(jax.random.key(1), x)
+    np.testing.assert_array_equal(ours.apply(variables, x), reference.apply(variables, x))
+    for argnums in (0, 1, (0, 1)):  # kernel gradient alone, image gradient alone, both
+
+      def grads(module, argnums=argnums):
+        return jax.grad(lambda v, x: (module.apply(v, x) ** 2).sum(), argnums=argnums)(variables, x)
+
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), grads(ours), grads(reference))
+    tangent = jax.tree.map(jnp.ones_like, variables)
+    ours_jvp = jax.jvp(lambda v: ours.apply(v, x), (variables,), (tangent,))[1]
+    reference_jvp = jax.jvp(lambda v: reference.apply(v, x), (variables,), (tangent,))[1]
+    np.testing.assert_allclose(ours_jvp, reference_jvp, rtol=1e-12)
