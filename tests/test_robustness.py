@@ -45,18 +45,26 @@ def uninterrupted(tmp_path_factory, digits_data_dir) -> dict:
   return final_metrics(workdir)
 
 
-def wait_for_step(process, workdir, step: int, timeout: float = 300) -> int:
-  """Waits until the run has logged `step` (or beyond); returns the last step logged."""
+def wait_for_step(process, workdir, step: int, checkpoint: int | None = None, timeout: float = 300) -> int:
+  """Waits until the run has logged `step` (or beyond) and, if given, committed the checkpoint
+  at step `checkpoint`; returns the last step logged.
+
+  Checkpoints are written in the background, so a logged step says nothing about the save
+  before it: a SIGKILL may land while that save is in flight, and the restart then rightly
+  resumes from the one before. Orbax commits a checkpoint by renaming its temporary directory
+  to the step number.
+  """
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     assert process.poll() is None, 'the run ended before it could be interrupted'
     path = workdir / 'metrics.jsonl'
-    if path.exists():
+    committed = checkpoint is None or (workdir / 'checkpoints' / str(checkpoint)).is_dir()
+    if path.exists() and committed:
       steps = [r['step'] for r in read_metrics(workdir) if 'train_loss' in r]
       if steps and steps[-1] >= step:
         return steps[-1]
     time.sleep(0.05)
-  raise TimeoutError(f'step {step} not reached in {timeout} s')
+  raise TimeoutError(f'step {step} (checkpoint {checkpoint}) not reached in {timeout} s')
 
 
 def test_two_runs_with_the_same_seed_give_identical_final_metrics(tmp_path, digits_data_dir, uninterrupted):
@@ -70,7 +78,8 @@ def test_sigkill_mid_epoch_then_restart_ends_bit_for_bit_as_uninterrupted(
 ):
   args = digits_args(tmp_path, digits_data_dir)
   process = start_train(args, tmp_path / 'killed.log')
-  killed_after = wait_for_step(process, tmp_path, 35)  # past the mid-epoch checkpoint at 30
+  # Past the mid-epoch checkpoint at 30, and that checkpoint committed.
+  killed_after = wait_for_step(process, tmp_path, 35, checkpoint=30)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=60)
   assert killed_after < STEPS
