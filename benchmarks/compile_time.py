@@ -12,6 +12,7 @@ compile are reported apart; their sum is what a run waits for.
 
 import argparse
 import functools
+import gc
 import importlib.util
 import json
 import os
@@ -64,6 +65,7 @@ def worker(args) -> dict:
     out_shardings=replicated,
     donate_argnums=0,
   )
+  gc.freeze()  # As train.py does after its imports.
   start = time.perf_counter()
   lowered = step.lower(state, batch)
   lowered_at = time.perf_counter()
