@@ -41,12 +41,18 @@ def train_step_outputs(model, variables, images, labels):
 
 def test_eval_logits_equal_torchvision(tiny_model, ported, images, tiny_reference):
   logits = tiny_model.apply(ported, images, train=False)
-  assert max_relative_error(logits, tiny_reference['logits_eval']) <= 1e-5
+  error = max_relative_error(logits, tiny_reference['logits_eval'])
+  print(f'eval logits: {error:.2g} relative to torchvision')
+  assert error <= 1e-5
 
 
 def test_train_logits_loss_and_gradients_equal_torchvision(tiny_model, ported, images, tiny_reference):
   labels = tiny_reference['labels']
   loss, logits, _, grads = train_step_outputs(tiny_model, ported, images, labels)
+  print(
+    f'train logits: {max_relative_error(logits, tiny_reference["logits_train"]):.2g} relative to torchvision'
+  )
+  print(f'loss: {float(loss)!r} (torchvision {float(tiny_reference["loss_train"])!r})')
   assert max_relative_error(logits, tiny_reference['logits_train']) <= 1e-5
   np.testing.assert_allclose(loss, tiny_reference['loss_train'], rtol=1e-6)
 
@@ -60,17 +66,23 @@ def test_train_logits_loss_and_gradients_equal_torchvision(tiny_model, ported, i
     *_, grads64 = train_step_outputs(model64, ported64, jnp.asarray(images, jnp.float64), labels)
     exact = to_torchvision({'params': jax.tree.map(lambda g: np.asarray(g, np.float64), grads64)})
 
-  ill_conditioned = []
+  ill_conditioned, largest = [], 0.0
   for key, torch_grad in torch_grads.items():
     if max_relative_error(ours[key], torch_grad) <= 1e-4:
+      largest = max(largest, max_relative_error(ours[key], torch_grad))
       continue
     # A gradient that cancels to a tiny sum (norm0.weight: |g| <= 6e-5, summed over
     # 4x24x24 positions) is as far from the exact one in torch's fp32 as in ours.
     torch_error = max_relative_error(torch_grad, exact[key])
     our_error = max_relative_error(ours[key], exact[key])
+    print(
+      f'{key}: {max_relative_error(ours[key], torch_grad):.2g} from torch; from the float64 gradient '
+      f'ours {our_error:.2g}, torch {torch_error:.2g}'
+    )
     assert torch_error > 1e-4, f'{key}: differs from torch, and torch is accurate ({torch_error:.2g})'
     assert our_error <= 2 * torch_error, f'{key}: fp32 error {our_error:.2g} vs torch {torch_error:.2g}'
     ill_conditioned.append(key)
+  print(f'every other gradient: <= {largest:.2g} relative to torchvision')
   assert len(ill_conditioned) <= 1, ill_conditioned
 
 
@@ -104,10 +116,12 @@ def test_one_sgd_step_equals_torch(tiny_model, ported, images, tiny_reference):
   assert after.keys() == torch_after.keys()
 
   counts = batchnorm_sample_counts(tiny_model, ported, images)
+  largest = 0.0
   for key, expected in torch_after.items():
     if key.endswith('num_batches_tracked'):
       continue
     if not key.endswith('running_var'):  # Parameters and running means.
+      largest = max(largest, max_relative_error(after[key], expected))
       assert max_relative_error(after[key], expected) <= 1e-5, key
       continue
     # torch folds in the unbiased batch variance, Flax the biased one: the new part of
@@ -117,6 +131,7 @@ def test_one_sgd_step_equals_torch(tiny_model, ported, images, tiny_reference):
     assert max_relative_error(decayed + (after[key] - decayed) * n / (n - 1), expected) <= 1e-5, key
     assert max_relative_error(after[key], expected) > 1e-5, key  # ... and the factor shows.
   assert len(counts) == sum(k.endswith('running_var') for k in torch_after)
+  print(f'after one SGD step, parameters and running means: <= {largest:.2g} relative to torch')
 
 
 def legacy_key(key: str) -> str:
