@@ -1,4 +1,4 @@
-"""The layers with hand-written derivatives (BatchNorm-ReLU, the stem conv) compute what Flax's do."""
+"""The layers with hand-written derivatives (BatchNorm-ReLU, stem conv, stem pool) compute what Flax's do."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +8,7 @@ import pytest
 from conftest import enable_x64
 
 from densenet_jax import BatchNorm, DenseNet
-from densenet_jax.models import StemConv
+from densenet_jax.models import StemConv, max_pool
 
 
 def outputs_and_gradients(module, variables, x, weights, activation):
@@ -125,3 +125,24 @@ def test_stem_conv_values_and_derivatives_equal_nn_conv_in_float64(kernel_size, 
     ours_jvp = jax.jvp(lambda v: ours.apply(v, x), (variables,), (tangent,))[1]
     reference_jvp = jax.jvp(lambda v: reference.apply(v, x), (variables,), (tangent,))[1]
     np.testing.assert_allclose(ours_jvp, reference_jvp, rtol=1e-12)
+
+
+@pytest.mark.parametrize('size, stride, padding', [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 3, 0)])
+def test_max_pool_values_and_derivatives_equal_nn_max_pool_exactly(size, stride, padding):
+  # After a ReLU (as in the stem) and rounded to halves: windows with tied maxima, where
+  # the gradient must go to the first maximum (row-major), as XLA's and PyTorch's do.
+  x = jnp.round(2 * nn.relu(jax.random.normal(jax.random.key(0), (2, 13, 11, 4)))) / 2
+  assert int((x == 0).sum()) > x.size // 3
+
+  def reference(x):
+    return nn.max_pool(x, (size, size), (stride, stride), ((padding, padding),) * 2)
+
+  def ours(x):
+    return max_pool(x, size, stride, padding)
+
+  np.testing.assert_array_equal(ours(x), reference(x))
+  cotangent = jax.random.normal(jax.random.key(1), reference(x).shape)
+  np.testing.assert_array_equal(jax.vjp(ours, x)[1](cotangent), jax.vjp(reference, x)[1](cotangent))
+  np.testing.assert_array_equal(jax.jit(jax.vjp(ours, x)[1])(cotangent), jax.vjp(reference, x)[1](cotangent))
+  tangent = jax.random.normal(jax.random.key(2), x.shape)
+  np.testing.assert_array_equal(jax.jvp(ours, (x,), (tangent,))[1], jax.jvp(reference, (x,), (tangent,))[1])
