@@ -221,8 +221,8 @@ class BatchNorm(nn.Module):
 
 # The BatchNorm arithmetic below is written in `jax.lax` rather than `jax.numpy`. Each
 # `jnp` operation is a jitted function, traced anew for every new shape, and every
-# BatchNorm of a DenseNet has its own channel count: in `lax` the 120 BatchNorms of a
-# DenseNet-121 train step trace ~5x faster, most of what its warm compile saved (README).
+# BatchNorm of a DenseNet has its own channel count. In `lax` one traces with its gradient
+# in 1.8 instead of 7.7 ms: 0.6 s of a DenseNet-121 train step's warm compile (README).
 # The operations, their order and their dtypes are the ones `nn.BatchNorm` runs in `jnp`.
 
 
