@@ -1,4 +1,6 @@
-"""The layers with hand-written derivatives (BatchNorm-ReLU, stem conv, stem pool) compute what Flax's do."""
+"""The layers written for speed (BatchNorm-ReLU, stem conv, stem pool, transition) compute what Flax's do."""
+
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -8,7 +10,7 @@ import pytest
 from conftest import enable_x64
 
 from densenet_jax import BatchNorm, DenseNet
-from densenet_jax.models import StemConv, max_pool
+from densenet_jax.models import PointwiseConv, StemConv, Transition, max_pool
 
 
 def outputs_and_gradients(module, variables, x, weights, activation):
@@ -146,3 +148,52 @@ def test_max_pool_values_and_derivatives_equal_nn_max_pool_exactly(size, stride,
   np.testing.assert_array_equal(jax.jit(jax.vjp(ours, x)[1])(cotangent), jax.vjp(reference, x)[1](cotangent))
   tangent = jax.random.normal(jax.random.key(2), x.shape)
   np.testing.assert_array_equal(jax.jvp(ours, (x,), (tangent,))[1], jax.jvp(reference, (x,), (tangent,))[1])
+
+
+class ConvThenPoolTransition(nn.Module):
+  """torchvision's transition in plain Flax: BN-ReLU-1x1 conv, then the 2x2 average pool."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train):
+    kwargs = dict(dtype=x.dtype, param_dtype=x.dtype)
+    x = nn.relu(nn.BatchNorm(not train, momentum=0.9, epsilon=1e-5, name='norm', **kwargs)(x))
+    x = nn.Conv(self.features, (1, 1), use_bias=False, name='conv', **kwargs)(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def transition_outputs_and_gradients(module, variables, x, train):
+  def loss(params, x):
+    y = module.apply({**variables, 'params': params}, x, train=train, mutable=['batch_stats'])[0]
+    return (y * jnp.arange(y.size).reshape(y.shape)).sum(), y
+
+  (_, y), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables['params'], x)
+  return y, grads
+
+
+@pytest.mark.parametrize('height, width', [(8, 6), (7, 9)])
+def test_transition_pooling_before_its_convolution_equals_conv_then_pool(height, width):
+  # Both are linear and act on different axes, so only the rounding may differ (odd sides
+  # drop their last row or column either way): float64 shows the same function.
+  with enable_x64():
+    x = jax.random.normal(jax.random.key(0), (3, height, width, 6), jnp.float64)
+    kwargs = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+    ours = Transition(
+      4,
+      conv=partial(nn.Conv, use_bias=False, **kwargs),
+      norm=partial(BatchNorm, **kwargs),
+      pointwise=partial(PointwiseConv, **kwargs),
+    )
+    reference = ConvThenPoolTransition(4)
+    variables = reference.init(jax.random.key(1), x, train=False)
+    variables = jax.tree.map(lambda a: a + jax.random.uniform(jax.random.key(2), a.shape, a.dtype), variables)
+    shapes = jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, train=False))
+    assert shapes == jax.tree.map(jnp.shape, variables)
+    for train in (False, True):
+      ours_y, ours_grads = transition_outputs_and_gradients(ours, variables, x, train)
+      expected_y, expected_grads = transition_outputs_and_gradients(reference, variables, x, train)
+      assert ours_y.shape == (3, height // 2, width // 2, 4)
+      np.testing.assert_allclose(ours_y, expected_y, rtol=1e-13, atol=1e-13)
+      for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
