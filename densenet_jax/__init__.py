@@ -1,6 +1,7 @@
 """densenet-jax: DenseNet in JAX/Flax, numerically faithful to torchvision."""
 
 from densenet_jax.models import BatchNorm as BatchNorm
+from densenet_jax.models import Conv3x3 as Conv3x3
 from densenet_jax.models import DenseBlock as DenseBlock
 from densenet_jax.models import DenseLayer as DenseLayer
 from densenet_jax.models import DenseNet as DenseNet

@@ -124,6 +124,107 @@ def _stem_conv_jvp(stride, padding, primals, tangents):
 _stem_conv.defjvp(_stem_conv_jvp, symbolic_zeros=True)
 
 
+class Conv3x3(nn.Module):
+  """A 3x3 convolution, stride 1, padding 1 (a dense layer's), on CPU as one matrix product.
+
+  The same parameter (`kernel`, shape (3, 3, in, out), HWIO) and the same function as
+  `nn.Conv(features, (3, 3), padding=1, use_bias=False)`. A dense layer's 3x3 convolution
+  has only `growth_rate` outputs, a narrow shape XLA:CPU's convolution runs at about half
+  its matrix product's speed. So on CPU each pixel's input is multiplied by all nine taps
+  at once, one product to 9 * out channels, and each output pixel sums its neighbours'
+  products; in training both gradients are single products too (`_conv3x3_train`). Other
+  platforms run their own convolution.
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = conv_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the convolution.
+
+    Args:
+      x: NHWC input.
+      train: on CPU, use the hand-written gradient, which is reverse-mode only (as the
+        rest of a DenseNet in training); otherwise the function is differentiable both ways.
+    """
+    kernel = self.param('kernel', self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if jax.default_backend() != 'cpu':
+      return _convolution(x, kernel, 1, 1)
+    return _conv3x3_train(x, kernel) if train else _conv3x3_as_product(x, kernel)
+
+
+def _taps(kernel: jax.Array) -> jax.Array:
+  """An HWIO 3x3 kernel as an (in, 9 * out) matrix: column (3 * i + j) * out + o is tap (i, j), output o."""
+  return kernel.transpose(2, 0, 1, 3).reshape(kernel.shape[2], -1)
+
+
+# Jitted, as is the backward below: a DenseNet's 3x3 convolutions have one shape per dense block,
+# so each is traced and lowered once per block instead of once per layer.
+@jax.jit
+def _conv3x3_as_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """y[n, h, w] = sum over taps (i, j) of (x @ tap (i, j))[n, h + i - 1, w + j - 1] (0 outside)."""
+  batch, height, width, channels = x.shape
+  # Products and their sum in at least float32, as a convolution accumulates, then rounded once.
+  accumulation = jnp.promote_types(x.dtype, jnp.float32)
+  products = jax.lax.dot(x.reshape(-1, channels), _taps(kernel), preferred_element_type=accumulation)
+  products = products.reshape(batch, height, width, 9, -1)
+  y = sum(_shifted(products[:, :, :, 3 * i + j], i - 1, j - 1) for i in range(3) for j in range(3))
+  return y.astype(x.dtype)
+
+
+def _shifted(x: jax.Array, rows: int, columns: int) -> jax.Array:
+  """y[n, h, w] = x[n, h + rows, w + columns], 0 outside x: a slice, padded back to x's shape."""
+  for axis, shift in ((1, rows), (2, columns)):
+    x = jax.lax.slice_in_dim(x, max(0, shift), x.shape[axis] + min(0, shift), axis=axis)
+    padding = [(0, 0, 0)] * x.ndim
+    padding[axis] = (max(0, -shift), max(0, shift), 0)
+    x = jax.lax.pad(x, np.zeros((), x.dtype), padding)
+  return x
+
+
+@jax.custom_vjp
+def _conv3x3_train(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _conv3x3_as_product(x, kernel)
+
+
+def _conv3x3_train_forward(x, kernel):
+  return _conv3x3_as_product(x, kernel), (x, kernel)
+
+
+def _conv3x3_train_backward(residuals, gradient):
+  return _conv3x3_gradients(*residuals, gradient)
+
+
+@jax.jit
+def _conv3x3_gradients(x, kernel, gradient):
+  """Both gradients from the output gradient's nine shifts, one product each.
+
+  Tap (i, j)'s products reached output pixel (h, w) from input pixel (h + i - 1, w + j - 1), so
+  their gradient at input pixel (h, w) is the output gradient at (h - i + 1, w - j + 1). Stacked,
+  these shifts (n, h, w, 9 * out) times the taps' transpose are the input gradient, and the input
+  against them is the kernel gradient. Autodiff's transpose of the shifted sum builds the same
+  array as nine padded copies of it added up, which XLA:CPU runs 1.5-2.5x slower.
+  """
+  batch, height, width, channels = x.shape
+  accumulation = jnp.promote_types(x.dtype, jnp.float32)
+  shifted = jnp.concatenate(
+    [_shifted(gradient, 1 - i, 1 - j) for i in range(3) for j in range(3)], axis=-1
+  ).reshape(batch * height * width, -1)
+  x_grad = jax.lax.dot(shifted, _taps(kernel).T, preferred_element_type=accumulation)
+  taps_grad = jax.lax.dot_general(
+    x.reshape(-1, channels), shifted, (((0,), (0,)), ((), ())), preferred_element_type=accumulation
+  )
+  kernel_grad = taps_grad.reshape(channels, 3, 3, -1).transpose(1, 2, 0, 3)
+  return x_grad.reshape(x.shape).astype(x.dtype), kernel_grad.astype(kernel.dtype)
+
+
+_conv3x3_train.defvjp(_conv3x3_train_forward, _conv3x3_train_backward)
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, size: int, stride: int, padding: int) -> jax.Array:
   """`nn.max_pool(x, (size, size), (stride, stride), ((padding, padding),) * 2)`, with a cheaper gradient.
@@ -349,6 +450,7 @@ class DenseLayer(nn.Module):
     conv: convolution constructor (no bias).
     norm: BatchNorm constructor (`use_running_average` is given per call).
     pointwise: 1x1 convolution constructor (e.g. `PointwiseConv`); `conv` if None.
+    conv3x3: 3x3 convolution constructor, stride 1, padding 1 (e.g. `Conv3x3`); `conv` if None.
   """
 
   growth_rate: int
@@ -357,15 +459,17 @@ class DenseLayer(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   pointwise: ModuleDef | None = None
+  conv3x3: ModuleDef | None = None
 
   def setup(self):
+    conv3x3 = self.conv3x3 or partial(self.conv, kernel_size=(3, 3), padding=1)
     self.norm1 = self.norm(relu=True)
     if self.bn_size is None:
-      self.conv1 = self.conv(self.growth_rate, (3, 3), padding=1)
+      self.conv1 = conv3x3(self.growth_rate)
     else:
       self.conv1 = _pointwise(self.pointwise, self.conv, self.bn_size * self.growth_rate)
       self.norm2 = self.norm(relu=True)
-      self.conv2 = self.conv(self.growth_rate, (3, 3), padding=1)
+      self.conv2 = conv3x3(self.growth_rate)
     if self.drop_rate > 0:
       self.dropout = nn.Dropout(self.drop_rate)
 
@@ -380,13 +484,17 @@ class DenseLayer(nn.Module):
 
   def bottleneck(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
     """Concatenation-BN-ReLU-first convolution."""
-    x = jnp.concatenate(features, axis=-1)
-    return self.conv1(self.norm1(x, use_running_average=not train))
+    x = self.norm1(jnp.concatenate(features, axis=-1), use_running_average=not train)
+    return self.conv1(x) if self.bn_size is not None else self._conv3x3(self.conv1, x, train)
+
+  def _conv3x3(self, conv: nn.Module, x: jax.Array, train: bool) -> jax.Array:
+    # A `conv3x3` module takes `train` (to pick its gradient), a plain `conv` does not.
+    return conv(x, train=train) if self.conv3x3 is not None else conv(x)
 
   def head(self, x: jax.Array, train: bool, dropout_rng: jax.Array | None = None) -> jax.Array:
     """BN-ReLU-3x3 conv after the bottleneck (nothing without one), then dropout."""
     if self.bn_size is not None:
-      x = self.conv2(self.norm2(x, use_running_average=not train))
+      x = self._conv3x3(self.conv2, self.norm2(x, use_running_average=not train), train)
     if self.drop_rate > 0:
       x = self.dropout(x, deterministic=not train, rng=dropout_rng)
     return x
@@ -410,6 +518,7 @@ class DenseBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   pointwise: ModuleDef | None = None
+  conv3x3: ModuleDef | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -421,6 +530,7 @@ class DenseBlock(nn.Module):
       conv=self.conv,
       norm=self.norm,
       pointwise=self.pointwise,
+      conv3x3=self.conv3x3,
     )
     names = [f'denselayer{i + 1}' for i in range(self.num_layers)]
     # Dropout keys are drawn here, so that both ways of computing the block use the same.
@@ -689,6 +799,7 @@ class DenseNet(nn.Module):
     pointwise = partial(
       PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init
     )
+    conv3x3 = partial(Conv3x3, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
     # PyTorch's BN momentum 0.1 is Flax's 0.9 (the weight of the running average).
     norm = partial(
       BatchNorm,
@@ -718,6 +829,7 @@ class DenseNet(nn.Module):
         conv=conv,
         norm=norm,
         pointwise=pointwise,
+        conv3x3=conv3x3,
         name=f'denseblock{i + 1}',
       )(x, train)
       num_features += num_layers * self.growth_rate
