@@ -131,7 +131,7 @@ def test_stem_conv_values_and_derivatives_equal_nn_conv_in_float64(kernel_size, 
 
 @pytest.mark.parametrize('shape', [(2, 6, 5, 7), (1, 1, 1, 3), (3, 2, 9, 16)])
 def test_conv3x3_values_and_derivatives_equal_nn_conv_in_float64(shape):
-  # One product to all nine taps, then shifted sums; in training a hand-written gradient.
+  # Winograd F(2, 3) along the width (odd widths too); in training a hand-written gradient.
   # Edges included: 1x1 and 2-pixel-high images have taps that fall wholly outside.
   with enable_x64():
     x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
