@@ -130,11 +130,12 @@ class Conv3x3(nn.Module):
   The same parameter (`kernel`, shape (3, 3, in, out), HWIO) and the same function as
   `nn.Conv(features, (3, 3), padding=1, use_bias=False)`. A dense layer's 3x3 convolution
   has only `growth_rate` outputs, a narrow shape XLA:CPU's convolution runs at about half
-  its matrix product's speed. So on CPU the forward pass is Winograd's F(2, 3) along the
-  width, its products to all three kernel rows at once (`_conv3x3_as_product`: a third
-  fewer multiplications than the direct form); in training both gradients are one product
-  each against the output gradient's nine shifts (`_conv3x3_train`). Other platforms run
-  their own convolution.
+  its matrix product's speed. So on CPU the forward pass is matrix products: with at least
+  32 outputs, Winograd's F(2, 3) along the width, its products to all three kernel rows at
+  once (a third fewer multiplications); with fewer, one product to all nine taps and
+  shifted sums (`_conv3x3_forward`). In training both gradients are one product each
+  against the output gradient's nine shifts (`_conv3x3_train`). Other platforms run their
+  own convolution.
   """
 
   features: int
@@ -155,12 +156,43 @@ class Conv3x3(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     if jax.default_backend() != 'cpu':
       return _convolution(x, kernel, 1, 1)
-    return _conv3x3_train(x, kernel) if train else _conv3x3_as_product(x, kernel)
+    return _conv3x3_train(x, kernel) if train else _conv3x3_forward(x, kernel)
 
 
 def _taps(kernel: jax.Array) -> jax.Array:
   """An HWIO 3x3 kernel as an (in, 9 * out) matrix: column (3 * i + j) * out + o is tap (i, j), output o."""
   return kernel.transpose(2, 0, 1, 3).reshape(kernel.shape[2], -1)
+
+
+def _conv3x3_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The convolution's values on CPU: Winograd's form where it is the faster, else the direct product.
+
+  Winograd's products have 3 * out columns, the direct one's 9 * out. With few outputs the
+  former are too narrow to pay: alone, for growth rate 12 (DenseNet-BC-100, 64 images of 48
+  channels at 32x32) the direct form takes 5.5 ms and Winograd's 10.6; for 24 outputs 13.2 and
+  14.9 ms; for 32 (DenseNet-121, 16 images of 128 channels at 56x56) 20.7 and 14.2 ms, and for
+  48 (DenseNet-161) 38.4 and 29.0 ms. Below 8 pixels a side the extra rows and columns that
+  Winograd's form computes cost more than it saves (7x7: 0.28 vs 0.33 ms).
+  """
+  if kernel.shape[-1] >= 32 and min(x.shape[1:3]) >= 8:
+    return _conv3x3_winograd(x, kernel)
+  return _conv3x3_direct(x, kernel)
+
+
+@jax.jit
+def _conv3x3_direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """y[n, h, w] = sum over taps (i, j) of (x @ tap (i, j))[n, h + i - 1, w + j - 1] (0 outside).
+
+  One product of each pixel's input with all nine taps, to 9 * out channels, then each output
+  pixel sums its nine neighbours' products: slices padded back, which XLA fuses into one pass.
+  """
+  batch, height, width, channels = x.shape
+  # Products and their sum in at least float32, as a convolution accumulates, then rounded once.
+  accumulation = jnp.promote_types(x.dtype, jnp.float32)
+  products = jax.lax.dot(x.reshape(-1, channels), _taps(kernel), preferred_element_type=accumulation)
+  products = products.reshape(batch, height, width, 9, -1)
+  y = sum(_shifted(products[:, :, :, 3 * i + j], i - 1, j - 1) for i in range(3) for j in range(3))
+  return y.astype(x.dtype)
 
 
 # Winograd's minimal filtering F(2, 3) (Lavin and Gray, 2016, https://arxiv.org/abs/1509.09308): two
@@ -183,7 +215,7 @@ def _combine(coefficients: np.ndarray, arrays: Sequence[jax.Array]) -> jax.Array
 # Jitted, as is the backward below: a DenseNet's 3x3 convolutions have one shape per dense block,
 # so each is traced and lowered once per block instead of once per layer.
 @jax.jit
-def _conv3x3_as_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _conv3x3_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """The convolution as Winograd's F(2, 3) along the width, with products to all three kernel rows.
 
   Each pair of output columns 2m, 2m + 1 reads input columns 2m - 1 .. 2m + 2. Their four
@@ -228,11 +260,11 @@ def _shifted(x: jax.Array, rows: int, columns: int) -> jax.Array:
 
 @jax.custom_vjp
 def _conv3x3_train(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _conv3x3_as_product(x, kernel)
+  return _conv3x3_forward(x, kernel)
 
 
 def _conv3x3_train_forward(x, kernel):
-  return _conv3x3_as_product(x, kernel), (x, kernel)
+  return _conv3x3_forward(x, kernel), (x, kernel)
 
 
 def _conv3x3_train_backward(residuals, gradient):

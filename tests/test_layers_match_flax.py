@@ -129,16 +129,34 @@ def test_stem_conv_values_and_derivatives_equal_nn_conv_in_float64(kernel_size, 
     np.testing.assert_allclose(ours_jvp, reference_jvp, rtol=1e-12)
 
 
-@pytest.mark.parametrize('shape', [(2, 6, 5, 7), (1, 1, 1, 3), (3, 2, 9, 16)])
-def test_conv3x3_values_and_derivatives_equal_nn_conv_in_float64(shape):
-  # Winograd F(2, 3) along the width (odd widths too); in training a hand-written gradient.
-  # Edges included: 1x1 and 2-pixel-high images have taps that fall wholly outside.
+def _assert_equal_in_float64(actual, desired):
+  """Equal to 1e-12 of the largest magnitude, elementwise: float64 rounding, not a formula's error.
+
+  Winograd's form sums other terms in another order than XLA's convolution: an element that
+  cancels to 1e-3 of its array's largest (kernel gradients here) keeps an absolute difference of
+  about 4e-15, 1.6e-16 of that largest value, which a relative bound on the element alone
+  (1.2e-12 there) would take for an error. A wrong transform is off by O(1).
+  """
+  np.testing.assert_allclose(actual, desired, rtol=1e-12, atol=1e-12 * float(np.abs(desired).max()))
+
+
+@pytest.mark.parametrize(
+  'shape, features',
+  [((2, 6, 5, 7), 4), ((1, 1, 1, 3), 4), ((3, 2, 9, 16), 4), ((2, 8, 9, 5), 32), ((1, 10, 8, 3), 32)],
+)
+def test_conv3x3_values_and_derivatives_equal_nn_conv_in_float64(shape, features):
+  # On CPU few outputs or small images take one product to all nine taps and shifted sums, the
+  # others (32 outputs, sides >= 8, odd and even widths here) Winograd's F(2, 3) along the width;
+  # in training both take the hand-written gradient. Edges included: 1x1 and 2-pixel-high images
+  # have taps that fall wholly outside.
   with enable_x64():
     x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
-    ours = Conv3x3(4, dtype=jnp.float64, param_dtype=jnp.float64)
-    reference = nn.Conv(4, (3, 3), padding=1, use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64)
+    ours = Conv3x3(features, dtype=jnp.float64, param_dtype=jnp.float64)
+    reference = nn.Conv(
+      features, (3, 3), padding=1, use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64
+    )
     variables = ours.init(jax.random.key(1), x)
-    weights = jax.random.normal(jax.random.key(2), (*shape[:-1], 4), jnp.float64)
+    weights = jax.random.normal(jax.random.key(2), (*shape[:-1], features), jnp.float64)
 
     def loss(module, v, x, **kwargs):
       return (jnp.sin(module.apply(v, x, **kwargs)) * weights).sum()
@@ -146,22 +164,18 @@ def test_conv3x3_values_and_derivatives_equal_nn_conv_in_float64(shape):
     expected_grads = jax.grad(partial(loss, reference), (0, 1))(variables, x)
     expected_example_grads = jax.vmap(jax.grad(partial(loss, reference), 1), (None, 0))(variables, x[:, None])
     for train in (False, True):
-      np.testing.assert_allclose(
-        ours.apply(variables, x, train=train), reference.apply(variables, x), rtol=1e-12
-      )
+      _assert_equal_in_float64(ours.apply(variables, x, train=train), reference.apply(variables, x))
       grads = jax.grad(partial(loss, ours, train=train), (0, 1))(variables, x)
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), grads, expected_grads)
+      jax.tree.map(lambda a, b: _assert_equal_in_float64(a, b), grads, expected_grads)
       # Per-example gradients (vmap of grad) go through the hand-written gradient too.
       example_grads = jax.vmap(jax.grad(partial(loss, ours, train=train), 1), (None, 0))(
         variables, x[:, None]
       )
-      np.testing.assert_allclose(example_grads, expected_example_grads, rtol=1e-12)
+      _assert_equal_in_float64(example_grads, expected_example_grads)
     # Outside training the function is forward-mode differentiable.
     tangents = jax.tree.map(jnp.ones_like, (variables, x))
     ours_jvp = jax.jvp(partial(loss, ours), (variables, x), tangents)[1]
-    np.testing.assert_allclose(
-      ours_jvp, jax.jvp(partial(loss, reference), (variables, x), tangents)[1], rtol=1e-12
-    )
+    _assert_equal_in_float64(ours_jvp, jax.jvp(partial(loss, reference), (variables, x), tangents)[1])
 
 
 @pytest.mark.parametrize('size, stride, padding', [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 3, 0)])
