@@ -148,7 +148,7 @@ def jax_worker(args) -> dict:
 
   train_seconds = median_seconds(run_train, args.warmup, args.steps)
   eval_seconds = median_seconds(
-    lambda: evaluate(variables, images).block_until_ready(), args.warmup, args.steps
+    lambda: evaluate(variables, images).block_until_ready(), args.warmup, args.eval_steps
   )
   cost = train.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -206,15 +206,15 @@ def torch_worker(args) -> dict:
 
   return {
     'train_img_s': args.batch / median_seconds(run_train, args.warmup, args.steps),
-    'eval_img_s': args.batch / median_seconds(run_eval, args.warmup, args.steps),
+    'eval_img_s': args.batch / median_seconds(run_eval, args.warmup, args.eval_steps),
     'device': f'cpu ({torch.get_num_threads()} threads)',
   }
 
 
 def run_side(side: str, args) -> dict | None:
   command = [sys.executable, os.path.abspath(__file__), '--worker', side]
-  for name in ('model', 'batch', 'size', 'warmup', 'steps', 'profile'):
-    command += [f'--{name}', str(getattr(args, name))]
+  for name in ('model', 'batch', 'size', 'warmup', 'steps', 'eval_steps', 'profile'):
+    command += [f'--{name.replace("_", "-")}', str(getattr(args, name))]
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
     print(f'{side}: failed\n{result.stderr[-2000:]}', file=sys.stderr)
@@ -242,6 +242,11 @@ def main() -> None:
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
+  # An eval step is about a fifth of a train step. More of them make its median robust to phases,
+  # up to seconds long, in which this machine runs steps a third slower (after a train phase, the
+  # first 7 of 10 eval steps at 33-58 img/s, then 65-67, with the same page faults; single slow
+  # steps coincide with the hypervisor's steal time in /proc/stat).
+  parser.add_argument('--eval-steps', type=int, default=20)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--sides', default='densenet-jax,densenet-jax-memory-efficient,baseline,torch')
   parser.add_argument('--profile', type=int, default=0, metavar='N', help='print the N slowest XLA ops')
