@@ -561,19 +561,24 @@ class DenseLayer(nn.Module):
   def bottleneck(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
     """Concatenation-BN-ReLU-first convolution."""
     x = self.norm1(jnp.concatenate(features, axis=-1), use_running_average=not train)
-    return self.conv1(x) if self.bn_size is not None else self._conv3x3(self.conv1, x, train)
-
-  def _conv3x3(self, conv: nn.Module, x: jax.Array, train: bool) -> jax.Array:
-    # A `conv3x3` module takes `train` (to pick its gradient), a plain `conv` does not.
-    return conv(x, train=train) if self.conv3x3 is not None else conv(x)
+    if self.bn_size is not None:
+      return self.conv1(x)
+    return _apply_conv3x3(self.conv1, x, train, takes_train=self.conv3x3 is not None)
 
   def head(self, x: jax.Array, train: bool, dropout_rng: jax.Array | None = None) -> jax.Array:
     """BN-ReLU-3x3 conv after the bottleneck (nothing without one), then dropout."""
     if self.bn_size is not None:
-      x = self._conv3x3(self.conv2, self.norm2(x, use_running_average=not train), train)
+      x = self.norm2(x, use_running_average=not train)
+      x = _apply_conv3x3(self.conv2, x, train, takes_train=self.conv3x3 is not None)
     if self.drop_rate > 0:
       x = self.dropout(x, deterministic=not train, rng=dropout_rng)
     return x
+
+
+def _apply_conv3x3(conv: nn.Module, x: jax.Array, train: bool, takes_train: bool) -> jax.Array:
+  # A `conv3x3` module takes `train` (to pick its gradient), a plain `conv` does not. A function, not
+  # a method: `nn.tabulate` records a module's method calls and would take the module argument's shape.
+  return conv(x, train=train) if takes_train else conv(x)
 
 
 class DenseBlock(nn.Module):
