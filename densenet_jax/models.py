@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.custom_derivatives import SymbolicZero
 
 ModuleDef = Any
@@ -365,6 +366,9 @@ class BatchNorm(nn.Module):
   primitive each instead of autodiff through a dozen operations, its train step traces
   and compiles about a sixth faster (README), and runs as fast.
 
+  In training it also normalises `Centered` feature maps, whose batch statistics several
+  BatchNorms share (see `Centered`; a `DenseBlock` passes its layers those).
+
   Attributes:
     use_running_average: normalise with the running averages instead of batch statistics.
     momentum: weight of the old running average (PyTorch's momentum 0.1 is 0.9 here).
@@ -382,17 +386,37 @@ class BatchNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+  def __call__(self, x: 'jax.Array | Centered', use_running_average: bool | None = None) -> jax.Array:
+    """Normalises x over all axes but the last.
+
+    Args:
+      x: an array; or, with batch statistics, `Centered` feature maps (`center`), which are
+        normalised as their concatenation along the last axis.
+      use_running_average: see the attribute.
+
+    Returns:
+      The normalised x (concatenated), [ReLU-ed,] in `dtype`.
+    """
     use_running_average = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
-    features = (x.shape[-1],)
+    centered = x if isinstance(x, Centered) else None
+    features = (x.var.shape[0] if centered is not None else x.shape[-1],)
     scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
     ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features)
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features)
-    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    dtype = self.dtype or jnp.result_type(centered.dtype if centered is not None else x, scale, bias)
     if use_running_average:
+      if centered is not None:
+        raise ValueError(
+          'BatchNorm with running averages got Centered feature maps, which are centred with their '
+          'batch statistics: pass the feature maps themselves (concatenated) instead.'
+        )
       return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.relu, dtype)
-    y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.relu, dtype)
+    if centered is not None:
+      y = _batch_norm_centered(centered.values, centered.var, scale, bias, self.epsilon, self.relu, dtype)
+      mean, var = centered.mean, centered.var
+    else:
+      y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.relu, dtype)
     if not self.is_initializing():
       ra_mean.value = _moving_average(ra_mean.value, mean, self.momentum)
       ra_var.value = _moving_average(ra_var.value, var, self.momentum)
@@ -440,10 +464,14 @@ def _statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _affine(x, mean, var, scale, bias, epsilon):
   """((x - mean) * (rsqrt(var + epsilon) * scale) + bias, rsqrt(var + epsilon))."""
+  return _scale_and_shift(_promoted(jax.lax.sub, x, _per_channel(mean, x)), var, scale, bias, epsilon)
+
+
+def _scale_and_shift(centered, var, scale, bias, epsilon):
+  """(centered * (rsqrt(var + epsilon) * scale) + bias, rsqrt(var + epsilon))."""
   rstd = jax.lax.rsqrt(jax.lax.add(var, np.asarray(epsilon, var.dtype)))
-  centered = _promoted(jax.lax.sub, x, _per_channel(mean, x))
-  y = _promoted(jax.lax.mul, centered, _per_channel(_promoted(jax.lax.mul, rstd, scale), x))
-  return _promoted(jax.lax.add, y, _per_channel(bias, x)), rstd
+  y = _promoted(jax.lax.mul, centered, _per_channel(_promoted(jax.lax.mul, rstd, scale), centered))
+  return _promoted(jax.lax.add, y, _per_channel(bias, centered)), rstd
 
 
 def _normalize(x, mean, var, scale, bias, epsilon, relu, dtype):
@@ -511,6 +539,169 @@ def _batch_norm_train_backward(epsilon, relu, dtype, residuals, cotangents):
 _batch_norm_train.defvjp(_batch_norm_train_forward_rule, _batch_norm_train_backward, symbolic_zeros=True)
 
 
+@struct.dataclass
+class Centered:
+  """Feature maps minus their batch mean, with their batch statistics, for BatchNorms that share them.
+
+  In training, a dense layer's first BatchNorm normalises the concatenation of all earlier
+  feature maps with their batch statistics, and a channel's batch mean and variance do not
+  depend on the layer that reads it. So a `DenseBlock` centres each feature map once
+  (`center`), and each layer's `BatchNorm` scales and shifts the concatenation of the centred
+  maps with its own parameters. Backward, the gradients of all the layers with respect to a
+  centred map (and to its variance) add up first and go back through its centring once. The
+  same mathematics as a BatchNorm of its own in each layer, which would keep its
+  concatenation for the backward pass and take each layer's gradient back through the
+  statistics over all of it: a DenseNet-121 train step runs about 5% faster (3-9% in three
+  alternating pairs) and needs 16% less memory (README, "Shared batch statistics").
+
+  Attributes:
+    values: the centred feature maps, in at least float32, normalised as their
+      concatenation along the last axis.
+    mean: the per-channel batch mean of the concatenation.
+    var: its per-channel biased batch variance (as `nn.BatchNorm` computes it).
+    dtype: the dtype of the feature maps before centring.
+  """
+
+  values: tuple[jax.Array, ...]
+  mean: jax.Array
+  var: jax.Array
+  dtype: Any = struct.field(pytree_node=False)
+
+  @classmethod
+  def concatenate(cls, parts: Sequence['Centered']) -> 'Centered':
+    """The parts as one set of feature maps, channels in order."""
+    return cls(
+      values=tuple(v for part in parts for v in part.values),
+      mean=jax.lax.concatenate([part.mean for part in parts], 0),
+      var=jax.lax.concatenate([part.var for part in parts], 0),
+      dtype=jnp.result_type(*(part.dtype for part in parts)),
+    )
+
+
+def center(x: jax.Array) -> Centered:
+  """x minus its per-channel batch mean (over all axes but the last), with the batch statistics.
+
+  Differentiable in reverse mode: the summed gradients of the centred values, the mean and
+  the variance, from every BatchNorm that read them, go back to x together.
+  """
+  values, mean, var = _center(x, x.dtype)
+  return Centered((values,), mean, var, x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _center(x, dtype):
+  del dtype  # x's, for its gradient.
+  return _center_forward(x)[0]
+
+
+@jax.jit
+def _center_forward(x):
+  x32, mean, var = _statistics(x)
+  centered = jax.lax.sub(x32, _per_channel(mean, x32))
+  return (centered, mean, var), centered
+
+
+def _center_forward_rule(x, dtype):
+  del dtype
+  return _center_forward(x.value)
+
+
+@jax.jit
+def _center_backward(centered, d_centered, d_mean=None, d_var=None):
+  """x's gradient: d(centered) - its mean + d(mean) / count + centered * 2 d(var) / count.
+
+  The variance is mean(x^2) - mean(x)^2, whose derivative is 2 * (x - mean) / count. A
+  cotangent that is None is zero.
+  """
+  count = np.asarray(centered.size // centered.shape[-1], centered.dtype)
+  dx = jnp.zeros(centered.shape, centered.dtype)
+  if d_centered is not None:
+    dx = jax.lax.sub(d_centered, _per_channel(jax.lax.div(_channel_sum(d_centered), count), d_centered))
+  if d_mean is not None:
+    dx = jax.lax.add(dx, _per_channel(jax.lax.div(d_mean, count), dx))
+  if d_var is not None:
+    two_d_var = jax.lax.mul(np.asarray(2, d_var.dtype), d_var)
+    dx = jax.lax.add(dx, jax.lax.mul(centered, _per_channel(jax.lax.div(two_d_var, count), dx)))
+  return dx
+
+
+def _center_backward_rule(dtype, centered, cotangents):
+  cotangents = [None if isinstance(c, SymbolicZero) else c for c in cotangents]
+  return (_center_backward(centered, *cotangents).astype(dtype),)
+
+
+_center.defvjp(_center_forward_rule, _center_backward_rule, symbolic_zeros=True)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _batch_norm_centered(values, var, scale, bias, epsilon, relu, dtype):
+  """BatchNorm [+ ReLU] of centred feature maps' concatenation, with their batch variance.
+
+  The forward pass is `_batch_norm_train`'s after its centring, operation for operation.
+  """
+  return _batch_norm_centered_forward(values, var, scale, bias, epsilon, relu, dtype)[0]
+
+
+@partial(jax.jit, static_argnums=(4, 5, 6))
+def _batch_norm_centered_forward(values, var, scale, bias, epsilon, relu, dtype):
+  y, rstd = _scale_and_shift(_concatenate(values), var, scale, bias, epsilon)
+  if relu:  # jax.nn.relu's values; the backward below is its derivative.
+    y = jax.lax.max(y, np.zeros((), y.dtype))
+  y = y.astype(dtype)
+  return y, (values, y if relu else None, rstd, scale)
+
+
+def _batch_norm_centered_forward_rule(values, var, scale, bias, epsilon, relu, dtype):
+  values = tuple(v.value for v in values)
+  return _batch_norm_centered_forward(values, var.value, scale.value, bias.value, epsilon, relu, dtype)
+
+
+def _batch_norm_centered_backward(epsilon, relu, dtype, residuals, dy):
+  """Gradients of the centred values (each), their variance, scale and bias.
+
+  With k = scale * rstd and rstd = (var + epsilon)^-1/2, y = centred * k + bias: the centred
+  values' gradient is g * k, the variance's sum(g * centred) * scale * -rstd^3 / 2 (g: y's
+  gradient, 0 where the ReLU cut). `center` takes them back to the feature maps.
+  """
+  del epsilon, dtype  # In the saved rstd, and the cotangent's dtype.
+  values, y, rstd, scale = residuals
+  if isinstance(dy, SymbolicZero):
+    dy = jnp.zeros(dy.shape, dy.dtype)
+  centered = _concatenate(values)
+  if len(values) > 1:
+    # Zero, but XLA cannot know it without dy: the concatenation is then not merged with the
+    # forward's into one array kept from one pass to the other, but fused into its readers.
+    first = jax.lax.slice(dy, (0,) * dy.ndim, (1,) * dy.ndim)
+    zero = jax.lax.convert_element_type(jax.lax.mul(first, np.zeros((), dy.dtype)), rstd.dtype)
+    centered = jax.lax.add(centered, jax.lax.broadcast_in_dim(zero, dy.shape, range(dy.ndim)))
+  # Where the ReLU output is 0 the gradient stops: its input was <= 0 (the forward's own
+  # values decide, so no recomputation can round to the other side of 0).
+  g = jax.lax.select(jax.lax.gt(y, np.zeros((), y.dtype)), dy, jax.lax.full_like(dy, 0)) if relu else dy
+  g = g.astype(rstd.dtype)
+  dbias = _channel_sum(g)
+  g_dot_centered = _channel_sum(jax.lax.mul(g, centered))
+  dscale = jax.lax.mul(g_dot_centered, rstd)
+  minus_half_rstd_cubed = jax.lax.mul(np.asarray(-0.5, rstd.dtype), jax.lax.mul(rstd, jax.lax.square(rstd)))
+  dvar = _promoted(jax.lax.mul, g_dot_centered, _promoted(jax.lax.mul, scale, minus_half_rstd_cubed))
+  d_centered = _promoted(jax.lax.mul, g, _per_channel(_promoted(jax.lax.mul, scale, rstd), g))
+  ends = np.cumsum([v.shape[-1] for v in values])
+  d_values = tuple(
+    jax.lax.slice_in_dim(d_centered, end - v.shape[-1], end, axis=-1).astype(v.dtype)
+    for v, end in zip(values, ends, strict=True)
+  )
+  return d_values, dvar.astype(rstd.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_batch_norm_centered.defvjp(
+  _batch_norm_centered_forward_rule, _batch_norm_centered_backward, symbolic_zeros=True
+)
+
+
+def _concatenate(arrays: Sequence[jax.Array]) -> jax.Array:
+  """The arrays concatenated along their last axis (`lax`, see above)."""
+  return arrays[0] if len(arrays) == 1 else jax.lax.concatenate(list(arrays), arrays[0].ndim - 1)
+
+
 class DenseLayer(nn.Module):
   """BN-ReLU-1x1 conv (the bottleneck, `bn_size * growth_rate` channels)-BN-ReLU-3x3 conv.
 
@@ -524,7 +715,8 @@ class DenseLayer(nn.Module):
     bn_size: bottleneck width as a multiple of `growth_rate`; None for no bottleneck.
     drop_rate: dropout rate on the layer's new features (torchvision's `drop_rate`).
     conv: convolution constructor (no bias).
-    norm: BatchNorm constructor (`use_running_average` is given per call).
+    norm: BatchNorm constructor (`use_running_average` is given per call; in training
+      `norm1` may get `Centered` feature maps, as `BatchNorm` takes them).
     pointwise: 1x1 convolution constructor (e.g. `PointwiseConv`); `conv` if None.
     conv3x3: 3x3 convolution constructor, stride 1, padding 1 (e.g. `Conv3x3`); `conv` if None.
   """
@@ -550,17 +742,23 @@ class DenseLayer(nn.Module):
       self.dropout = nn.Dropout(self.drop_rate)
 
   def __call__(
-    self, features: Sequence[jax.Array], train: bool, dropout_rng: jax.Array | None = None
+    self, features: Sequence[jax.Array] | Centered, train: bool, dropout_rng: jax.Array | None = None
   ) -> jax.Array:
     """Returns the `growth_rate` new channels computed from all earlier `features`.
 
-    `dropout_rng` is the dropout key (drawn from the 'dropout' rng stream if None).
+    Args:
+      features: all earlier feature maps; in training they may come `Centered` (as a
+        `DenseBlock` passes them), which gives the same numbers.
+      train: batch statistics and dropout if True.
+      dropout_rng: the dropout key (drawn from the 'dropout' rng stream if None).
     """
     return self.head(self.bottleneck(features, train), train, dropout_rng)
 
-  def bottleneck(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
+  def bottleneck(self, features: Sequence[jax.Array] | Centered, train: bool) -> jax.Array:
     """Concatenation-BN-ReLU-first convolution."""
-    x = self.norm1(jnp.concatenate(features, axis=-1), use_running_average=not train)
+    if not isinstance(features, Centered):
+      features = jnp.concatenate(features, axis=-1)
+    x = self.norm1(features, use_running_average=not train)
     if self.bn_size is not None:
       return self.conv1(x)
     return _apply_conv3x3(self.conv1, x, train, takes_train=self.conv3x3 is not None)
@@ -584,11 +782,13 @@ def _apply_conv3x3(conv: nn.Module, x: jax.Array, train: bool, takes_train: bool
 class DenseBlock(nn.Module):
   """`num_layers` dense layers, each fed the concatenation of all earlier features.
 
-  With `memory_efficient=True`, training keeps only each layer's new features and its
-  bottleneck output, so memory grows linearly with depth instead of quadratically (the
-  concatenations and BN-ReLUs before each bottleneck are what grows; Pleiss et al.,
-  2017, and torchvision's `memory_efficient`). See `_memory_efficient_block`. The
-  numbers are the same as without it.
+  In training, each feature map is centred with its batch statistics once and the layers
+  get them `Centered`: their first BatchNorms share the statistics (see `Centered`).
+
+  With `memory_efficient=True`, training keeps only each layer's new features (centred) and
+  its bottleneck output, so memory grows linearly with depth instead of quadratically (the
+  BN-ReLUs before each bottleneck are what grows; Pleiss et al., 2017, and torchvision's
+  `memory_efficient`). See `_memory_efficient_block`. The numbers are the same as without it.
 
   With `eval_piece_bytes`, outside training the block runs on pieces of the batch, one
   after another, each as many images as keep the block's output within that many bytes:
@@ -641,9 +841,14 @@ class DenseBlock(nn.Module):
       for name, stats in zip(names, batch_stats, strict=True):
         self.put_variable('batch_stats', name, stats)
       return y
-    features = [x]
-    for name, rng in zip(names, rngs, strict=True):
-      features.append(layer(name=name)(features, train, rng))
+    # In training each feature map is centred once, for all the later layers (see `Centered`).
+    features, centered = [x], center(x) if train else None
+    for i, (name, rng) in enumerate(zip(names, rngs, strict=True)):
+      new = layer(name=name)(centered if train else features, train, rng)
+      features.append(new)
+      if train and i + 1 < len(names):
+        # One at a time: the statistics' gradients then add up in one sum per layer, not per feature map.
+        centered = Centered.concatenate([centered, center(new)])
     return jnp.concatenate(features, axis=-1)
 
   def _images_per_piece(self, x: jax.Array) -> int | None:
@@ -693,65 +898,84 @@ def _memory_efficient_block(layer: DenseLayer) -> Callable[..., tuple[jax.Array,
   The returned function maps (per-layer params, per-layer batch_stats, block input,
   per-layer dropout keys or None) to (block output, updated per-layer batch_stats),
   computing exactly what `DenseLayer` computes. Its gradient keeps only the block's
-  new features and each layer's bottleneck output from the forward pass, and walks
-  the layers backwards:
+  centred feature maps (`Centered`) and each layer's bottleneck output from the forward
+  pass, and walks the layers backwards:
 
-  * each layer's concatenation and BN-ReLUs are recomputed from the stored features and
+  * each layer's concatenation and BN-ReLUs are recomputed from the stored centred maps and
     bottleneck output; its convolutions are not (XLA drops their unused outputs);
   * the recomputation takes an input that depends on the layer's output gradient, so
     XLA can neither merge it with the forward pass (XLA:CPU drops the
     `optimization_barrier` that `jax.checkpoint` relies on) nor run it early;
-  * the gradients of all earlier features accumulate in one buffer updated in place,
-    layer by layer, so no layer's concatenation-sized gradient outlives the layer.
+  * the gradients of all earlier centred maps accumulate in one buffer updated in place,
+    layer by layer, so no layer's concatenation-sized gradient outlives the layer; a feature
+    map's sum goes back through its centring when the walk reaches the layer that made it.
   """
 
   def apply(variables, method, *args):
     return layer.apply(variables, *args, method=method, mutable=['batch_stats'])
 
   def forward(params, batch_stats, x, rngs):
-    features, bottlenecks, new_stats = [x], [], []
+    # inputs[i] is what layer i normalises: features 0..i, centred (see the plain block).
+    features, inputs, bottlenecks, new_stats = [x], [center(x)], [], []
     for i, (layer_params, stats) in enumerate(zip(params, batch_stats, strict=True)):
       rng = None if rngs is None else rngs[i]
-      h, updates = apply({'params': layer_params, 'batch_stats': stats}, 'bottleneck', features, True)
+      h, updates = apply({'params': layer_params, 'batch_stats': stats}, 'bottleneck', inputs[i], True)
       new, updates = apply({'params': layer_params, **updates}, 'head', h, True, rng)
       features.append(new)
+      if i + 1 < len(params):
+        inputs.append(Centered.concatenate([inputs[i], center(new)]))
       bottlenecks.append(h)
       new_stats.append(updates['batch_stats'])
-    return (jnp.concatenate(features, axis=-1), new_stats), (params, batch_stats, features, bottlenecks, rngs)
+    output = jnp.concatenate(features, axis=-1)
+    return (output, new_stats), (params, batch_stats, inputs, bottlenecks, rngs)
 
-  def layer_vjp(params, batch_stats, features, bottleneck, rng, output_grad):
-    """(param grads, input feature grads) of one layer, recomputing its BN-ReLUs."""
+  def layer_vjp(params, batch_stats, centered, bottleneck, rng, output_grad):
+    """(param grads, centred feature grads) of one layer, recomputing its BN-ReLUs."""
     # Zero, but XLA cannot know it without computing the gradient: see the docstring.
     zero = output_grad.reshape(-1)[0] * 0
-    features, bottleneck = jax.tree.map(lambda a: a + zero.astype(a.dtype), (features, bottleneck))
+    centered, bottleneck = jax.tree.map(lambda a: a + zero.astype(a.dtype), (centered, bottleneck))
 
     def run(method, p, *args):
       return apply({'params': p, 'batch_stats': batch_stats}, method, *args)[0]
 
     _, head_vjp = jax.vjp(lambda p, h: run('head', p, h, True, rng), params, bottleneck)
     head_grads, bottleneck_grad = head_vjp(output_grad)
-    _, bottleneck_vjp = jax.vjp(lambda p, fs: run('bottleneck', p, fs, True), params, features)
-    bottleneck_grads, feature_grads = bottleneck_vjp(bottleneck_grad)
-    return jax.tree.map(jnp.add, head_grads, bottleneck_grads), feature_grads
+    _, bottleneck_vjp = jax.vjp(lambda p, c: run('bottleneck', p, c, True), params, centered)
+    bottleneck_grads, centered_grads = bottleneck_vjp(bottleneck_grad)
+    return jax.tree.map(jnp.add, head_grads, bottleneck_grads), centered_grads
 
   def backward(residuals, cotangents):
-    params, batch_stats, features, bottlenecks, rngs = residuals
+    params, batch_stats, inputs, bottlenecks, rngs = residuals
     gradient, _ = cotangents  # The running averages have no gradient.
-    ends = np.cumsum([f.shape[-1] for f in features])
+    centered = inputs[-1].values  # Each feature map but the last, centred.
+    widths = [c.shape[-1] for c in centered]
+    ends = np.cumsum([*widths, gradient.shape[-1] - sum(widths)])
     param_grads = [None] * len(params)
+    # The summed gradients of the centred maps of features 0..i (a buffer updated in place) and
+    # of their variances; the running averages' means have no gradient.
+    values_grad = var_grad = None
+
+    def feature_grad(j, start, end):
+      """Feature j's gradient: from the block output, and through its centring from the later layers."""
+      through_centring = _center_backward(centered[j], values_grad[..., start:end], None, var_grad[start:end])
+      return gradient[..., start:end] + through_centring.astype(gradient.dtype)
+
     for i in reversed(range(len(params))):
-      param_grads[i], feature_grads = layer_vjp(
-        params[i],
-        batch_stats[i],
-        features[: i + 1],
-        bottlenecks[i],
-        None if rngs is None else rngs[i],
-        gradient[..., ends[i] : ends[i + 1]],
+      last = values_grad is None  # No later layer reads feature i + 1.
+      output_grad = gradient[..., ends[i] :] if last else feature_grad(i + 1, ends[i], ends[i + 1])
+      param_grads[i], grads = layer_vjp(
+        params[i], batch_stats[i], inputs[i], bottlenecks[i], None if rngs is None else rngs[i], output_grad
       )
-      gradient = jax.lax.dynamic_update_slice_in_dim(
-        gradient, gradient[..., : ends[i]] + jnp.concatenate(feature_grads, axis=-1), 0, axis=-1
-      )
-    return param_grads, None, gradient[..., : ends[0]], None
+      new_values_grad = _concatenate(grads.values)
+      if last:
+        values_grad, var_grad = new_values_grad, grads.var
+      else:
+        values_grad = jax.lax.dynamic_update_slice_in_dim(
+          values_grad, values_grad[..., : ends[i]] + new_values_grad, 0, axis=-1
+        )
+        var_grad = var_grad[: ends[i]] + grads.var
+    x_grad = feature_grad(0, 0, ends[0])
+    return param_grads, None, x_grad, None
 
   block = jax.custom_vjp(lambda *args: forward(*args)[0])
   block.defvjp(forward, backward)

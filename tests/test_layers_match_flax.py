@@ -10,16 +10,19 @@ import pytest
 from conftest import enable_x64
 
 from densenet_jax import BatchNorm, DenseNet
-from densenet_jax.models import Conv3x3, PointwiseConv, StemConv, Transition, max_pool
+from densenet_jax.models import Centered, Conv3x3, PointwiseConv, StemConv, Transition, center, max_pool
 
 
-def outputs_and_gradients(module, variables, x, weights, activation):
-  """(output, updated batch_stats, gradients of a loss that also reads the batch statistics)."""
+def outputs_and_gradients(module, variables, x, weights, activation, prepare=lambda x: x):
+  """(output, updated batch_stats, gradients of a loss that also reads the batch statistics).
+
+  The module gets prepare(x), and the gradient is x's through it.
+  """
 
   def loss(params, x):
     y, state = module.apply(
       {'params': params, 'batch_stats': variables['batch_stats']},
-      x,
+      prepare(x),
       use_running_average=False,
       mutable=['batch_stats'],
     )
@@ -32,8 +35,17 @@ def outputs_and_gradients(module, variables, x, weights, activation):
   return y, stats, grads
 
 
+def centered_in_pieces(x):
+  """x's channels as three feature maps, each centred, joined one at a time: what a dense block passes."""
+  first, *rest = (center(piece) for piece in jnp.split(x, [2, 3], axis=-1))
+  for centered in rest:
+    first = Centered.concatenate([first, centered])
+  return first
+
+
+@pytest.mark.parametrize('prepare', [lambda x: x, centered_in_pieces], ids=['array', 'centered'])
 @pytest.mark.parametrize('relu', [True, False])
-def test_forward_running_averages_and_gradients_equal_flax_in_float64(relu):
+def test_forward_running_averages_and_gradients_equal_flax_in_float64(relu, prepare):
   with enable_x64():
     x = jax.random.normal(jax.random.key(0), (4, 5, 6, 7), jnp.float64) * 2 + 0.5
     weights = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
@@ -42,7 +54,7 @@ def test_forward_running_averages_and_gradients_equal_flax_in_float64(relu):
     variables = reference.init(jax.random.key(2), x, use_running_average=False)
     # Scale and bias away from 1 and 0, and running averages away from their initial values.
     variables = jax.tree.map(lambda a: a + jax.random.uniform(jax.random.key(3), a.shape, a.dtype), variables)
-    ours = outputs_and_gradients(BatchNorm(relu=relu, **kwargs), variables, x, weights, lambda y: y)
+    ours = outputs_and_gradients(BatchNorm(relu=relu, **kwargs), variables, x, weights, lambda y: y, prepare)
     expected = outputs_and_gradients(reference, variables, x, weights, nn.relu if relu else lambda y: y)
     ours_y, expected_y = ours[0], expected[0] if not relu else nn.relu(expected[0])
     np.testing.assert_allclose(ours_y, expected_y, rtol=1e-14, atol=1e-14)
@@ -53,6 +65,14 @@ def test_forward_running_averages_and_gradients_equal_flax_in_float64(relu):
     evaluated = BatchNorm(relu=relu, **kwargs).apply(variables, x, use_running_average=True)
     expected_eval = reference.apply(variables, x, use_running_average=True)
     np.testing.assert_array_equal(evaluated, nn.relu(expected_eval) if relu else expected_eval)
+
+
+def test_centered_feature_maps_need_batch_statistics():
+  x = jnp.ones((2, 3, 3, 4))
+  module = BatchNorm()
+  variables = module.init(jax.random.key(0), x, use_running_average=True)
+  with pytest.raises(ValueError, match='running averages got Centered'):
+    module.apply(variables, centered_in_pieces(x), use_running_average=True)
 
 
 def test_relu_gradient_follows_the_forward_mask():
@@ -78,11 +98,12 @@ def test_relu_gradient_follows_the_forward_mask():
   assert (y == 0).any() and (y > 0).any()
 
 
-def test_bfloat16_output_with_float32_statistics():
-  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3), jnp.bfloat16)
+@pytest.mark.parametrize('prepare', [lambda x: x, centered_in_pieces], ids=['array', 'centered'])
+def test_bfloat16_output_with_float32_statistics(prepare):
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 4), jnp.bfloat16)
   module = BatchNorm(relu=True, dtype=jnp.bfloat16)
   variables = module.init(jax.random.key(1), x, use_running_average=False)
-  y, state = module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+  y, state = module.apply(variables, prepare(x), use_running_average=False, mutable=['batch_stats'])
   expected, expected_state = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.bfloat16).apply(
     variables, x, use_running_average=False, mutable=['batch_stats']
   )
@@ -90,7 +111,7 @@ def test_bfloat16_output_with_float32_statistics():
   np.testing.assert_array_equal(y, nn.relu(expected))
   jax.tree.map(np.testing.assert_array_equal, state, expected_state)
   grads = jax.grad(
-    lambda x: module.apply(variables, x, use_running_average=False, mutable=['batch_stats'])[0].sum()
+    lambda x: module.apply(variables, prepare(x), use_running_average=False, mutable=['batch_stats'])[0].sum()
   )(x)
   assert grads.dtype == jnp.bfloat16 and bool(jnp.isfinite(grads.astype(jnp.float32)).all())
 
