@@ -1,8 +1,5 @@
 """densenet-jax: DenseNet in JAX/Flax, numerically faithful to torchvision."""
 
-from densenet_jax.models import BatchNorm as BatchNorm
-from densenet_jax.models import Centered as Centered
-from densenet_jax.models import Conv3x3 as Conv3x3
 from densenet_jax.models import DenseBlock as DenseBlock
 from densenet_jax.models import DenseLayer as DenseLayer
 from densenet_jax.models import DenseNet as DenseNet
@@ -12,8 +9,10 @@ from densenet_jax.models import DenseNet169 as DenseNet169
 from densenet_jax.models import DenseNet201 as DenseNet201
 from densenet_jax.models import DenseNet264 as DenseNet264
 from densenet_jax.models import Transition as Transition
-from densenet_jax.models import center as center
 from densenet_jax.models import densenet_cifar as densenet_cifar
+from densenet_jax.ops import KERNEL_SETS as KERNEL_SETS
+from densenet_jax.ops import KernelSet as KernelSet
+from densenet_jax.ops import kernel_set as kernel_set
 from densenet_jax.torchvision_port import StateDictError as StateDictError
 from densenet_jax.torchvision_port import config_from_variables as config_from_variables
 from densenet_jax.torchvision_port import from_torchvision as from_torchvision

@@ -20,6 +20,10 @@ REPO = pathlib.Path(__file__).parents[1]
 XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / f'densenet_jax_tests_xla_cache_{os.getpid()}'
 # The float64 context manager: jax.enable_x64 on current JAX, in experimental before.
 enable_x64 = jax.enable_x64 if hasattr(jax, 'enable_x64') else jax.experimental.enable_x64
+# Every kernel set: the fidelity tests run for each (`densenet_jax.ops`).
+KERNELS = list(densenet_jax.KERNEL_SETS)
+# Each set's BatchNorm class, to find the BatchNorms among a model's modules.
+BATCH_NORMS = tuple(kernels.batch_norm for kernels in densenet_jax.KERNEL_SETS.values())
 PRESETS = {
   'densenet121': densenet_jax.DenseNet121,
   'densenet161': densenet_jax.DenseNet161,

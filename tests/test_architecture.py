@@ -115,17 +115,17 @@ def test_dropout_is_active_in_training_only(tiny_model):
 
 
 def test_pointwise_conv_is_a_1x1_conv():
-  """The dot that replaces 1x1 convolutions: the same parameter, init and output as nn.Conv."""
+  """The CPU set's 1x1 convolution (a dot): the same parameter, init and output as nn.Conv."""
   x = jax.random.normal(jax.random.key(0), (2, 5, 7, 24))
   conv = densenet_jax.models.nn.Conv(
     40, (1, 1), use_bias=False, kernel_init=densenet_jax.models.conv_kernel_init
   )
-  pointwise = densenet_jax.models.PointwiseConv(40)
+  pointwise = densenet_jax.ops.cpu_conv.Conv(40, 1, kernel_init=densenet_jax.models.conv_kernel_init)
   conv_params = conv.init(jax.random.key(1), x)
   pointwise_params = pointwise.init(jax.random.key(1), x)
   np.testing.assert_array_equal(conv_params['params']['kernel'], pointwise_params['params']['kernel'])
   np.testing.assert_allclose(
     pointwise.apply(conv_params, x), conv.apply(conv_params, x), rtol=1e-5, atol=1e-6
   )
-  bf16 = densenet_jax.models.PointwiseConv(40, dtype=jnp.bfloat16).apply(conv_params, x)
+  bf16 = densenet_jax.ops.cpu_conv.Conv(40, 1, dtype=jnp.bfloat16).apply(conv_params, x)
   assert bf16.dtype == jnp.bfloat16

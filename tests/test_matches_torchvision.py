@@ -11,9 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import enable_x64, max_relative_error, section
+from conftest import BATCH_NORMS, KERNELS, enable_x64, max_relative_error, section
 
-from densenet_jax import BatchNorm, from_torchvision, to_torchvision
+from densenet_jax import from_torchvision, to_torchvision
+
+
+@pytest.fixture(scope='module', params=KERNELS)
+def tiny_model(request, tiny_model):
+  """The tiny reference network with each kernel set: every test here runs for every set."""
+  return tiny_model.clone(kernels=request.param)
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +98,7 @@ def batchnorm_sample_counts(model, variables, images) -> dict[str, int]:
     variables,
     images,
     train=False,
-    capture_intermediates=lambda module, _: isinstance(module, BatchNorm),
+    capture_intermediates=lambda module, _: isinstance(module, BATCH_NORMS),
     mutable=['intermediates'],
   )
   counts = {}

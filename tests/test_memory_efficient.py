@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import enable_x64, max_relative_error
+from conftest import KERNELS, enable_x64, max_relative_error
 
 import densenet_jax
 
@@ -28,11 +28,12 @@ def train_outputs(model, variables, x, labels):
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
 
 
+@pytest.mark.parametrize('kernels', KERNELS)
 @pytest.mark.parametrize(
   'bc, drop_rate', [(True, 0.0), (False, 0.0), (True, 0.2)], ids=['bottleneck', 'plain', 'dropout']
 )
-def test_memory_efficient_gives_the_same_numbers(bc, drop_rate):
-  model = densenet_jax.densenet_cifar(16 if bc else 10, 8, bc=bc, drop_rate=drop_rate)
+def test_memory_efficient_gives_the_same_numbers(bc, drop_rate, kernels):
+  model = densenet_jax.densenet_cifar(16 if bc else 10, 8, bc=bc, drop_rate=drop_rate, kernels=kernels)
   efficient = model.clone(memory_efficient=True)
   x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   labels = jax.random.randint(jax.random.key(2), (8,), 0, 10)
@@ -94,7 +95,7 @@ def train_step_temp_bytes(model, batch=4, size=8):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_memory_grows_linearly_with_depth():
+def test_memory_grows_linearly_with_depth(kernels='cpu'):
   """One dense block of 8, 16 and 32 layers: what each doubling of depth adds.
 
   Memory that grows with the square of the depth makes each doubling add 4x what the
@@ -102,6 +103,10 @@ def test_memory_grows_linearly_with_depth():
   not depend on depth). Stored concatenations grow with the square: without
   memory_efficient the ratio is well above 2; kept features grow linearly: with it, about
   2. `benchmarks/train_step_memory.py` gives the figures for DenseNet-121 to -264.
+
+  The 'cpu' kernel set's block, which recomputes by itself. The 'xla' set's `nn.remat` saves
+  nothing on XLA:CPU, which merges the recomputation back into the forward pass (the same temp
+  bytes with and without it: docs/performance.md); see the test below.
   """
   temp = {}
   for efficient in (False, True):
@@ -113,6 +118,7 @@ def test_memory_grows_linearly_with_depth():
         stem='cifar',
         num_classes=10,
         memory_efficient=efficient,
+        kernels=kernels,
       )
       temp[efficient, layers] = train_step_temp_bytes(model)
   growth = {e: (temp[e, 32] - temp[e, 16]) / (temp[e, 16] - temp[e, 8]) for e in (False, True)}
@@ -121,3 +127,26 @@ def test_memory_grows_linearly_with_depth():
   assert growth[False] > 2.8, (growth, temp)  # Measured: 3.19.
   assert growth[True] < 2.3, (growth, temp)  # Measured: 2.00.
   assert temp[True, 32] < 0.4 * temp[False, 32], temp  # Measured: 0.15.
+
+
+def test_xla_kernels_rematerialize_each_bottleneck():
+  """The 'xla' set's memory_efficient is `nn.remat` of each dense layer's concatenation-BN-ReLU-conv.
+
+  What it saves depends on the compiler (TPU and GPU keep remat's recomputation, XLA:CPU merges it
+  back): benchmarks/accelerator.py measures it on a chip. Here: one remat per dense layer, and none
+  without memory_efficient.
+  """
+  model = densenet_jax.densenet_cifar(16, 8, kernels='xla')
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), x)
+
+  def remats(model):
+    def loss(params, batch_stats):
+      variables_ = {'params': params, 'batch_stats': batch_stats}
+      return model.apply(variables_, x, train=True, mutable=['batch_stats'])[0].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables['params'], variables['batch_stats'])
+    return sum(eqn.primitive.name in ('checkpoint', 'remat2', 'remat') for eqn in jaxpr.eqns)
+
+  assert remats(model) == 0
+  assert remats(model.clone(memory_efficient=True)) == 2 * 3  # forward and backward, 2 layers x 3 blocks

@@ -1,4 +1,8 @@
-"""The layers written for speed (BatchNorm-ReLU, convolutions, pools, transition) compute what Flax's do."""
+"""Every kernel set computes what the reference set ('xla': stock Flax) computes.
+
+Each CPU kernel against the stock operation it replaces (float64, values and derivatives), then the
+whole network under every set against the reference.
+"""
 
 from functools import partial
 
@@ -7,10 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import enable_x64
+from conftest import KERNELS, enable_x64
 
-from densenet_jax import BatchNorm, DenseNet
-from densenet_jax.models import Centered, Conv3x3, PointwiseConv, StemConv, Transition, center, max_pool
+from densenet_jax import DenseNet, densenet_cifar, kernel_set
+from densenet_jax.models import Transition
+from densenet_jax.ops.cpu_batch_norm import BatchNorm, Centered, center
+from densenet_jax.ops.cpu_conv import Conv
+from densenet_jax.ops.cpu_pool import max_pool
 
 
 def outputs_and_gradients(module, variables, x, weights, activation, prepare=lambda x: x):
@@ -116,9 +123,10 @@ def test_bfloat16_output_with_float32_statistics(prepare):
   assert grads.dtype == jnp.bfloat16 and bool(jnp.isfinite(grads.astype(jnp.float32)).all())
 
 
-def test_eval_mode_model_is_forward_mode_differentiable():
-  # The stem's custom JVP and the running-average BatchNorm keep jax.jvp working at eval.
-  model = DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, num_classes=3)
+@pytest.mark.parametrize('kernels', KERNELS)
+def test_eval_mode_model_is_forward_mode_differentiable(kernels):
+  # The CPU stem's custom JVP and the running-average BatchNorm keep jax.jvp working at eval.
+  model = DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, num_classes=3, kernels=kernels)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = model.init(jax.random.key(1), x, train=False)
   direction = jax.random.normal(jax.random.key(2), x.shape)
@@ -134,7 +142,8 @@ def test_stem_conv_values_and_derivatives_equal_nn_conv_in_float64(kernel_size, 
   with enable_x64():
     x = jax.random.normal(jax.random.key(0), (2, 17, 15, 3), jnp.float64)
     kwargs = dict(use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64)
-    ours = StemConv(5, kernel_size, stride, padding, dtype=jnp.float64, param_dtype=jnp.float64)
+    # Three input channels: an image, which takes the stem's form.
+    ours = Conv(5, kernel_size, stride, padding, dtype=jnp.float64, param_dtype=jnp.float64)
     reference = nn.Conv(5, (kernel_size, kernel_size), (stride, stride), padding, **kwargs)
     variables = ours.init(jax.random.key(1), x)
     np.testing.assert_array_equal(ours.apply(variables, x), reference.apply(variables, x))
@@ -163,29 +172,31 @@ def _assert_equal_in_float64(actual, desired):
 
 @pytest.mark.parametrize(
   'shape, features',
-  [((2, 6, 5, 7), 4), ((1, 1, 1, 3), 4), ((3, 2, 9, 16), 4), ((2, 8, 9, 5), 32), ((1, 10, 8, 3), 32)],
+  [((2, 6, 5, 7), 4), ((1, 1, 1, 6), 4), ((3, 2, 9, 16), 4), ((2, 8, 9, 5), 32), ((1, 10, 8, 6), 32)],
 )
 def test_conv3x3_values_and_derivatives_equal_nn_conv_in_float64(shape, features):
-  # On CPU few outputs or small images take one product to all nine taps and shifted sums, the
+  # More than 4 input channels (fewer is an image: the stem's form, above). Few outputs or small
+  # images take one product to all nine taps and shifted sums, the
   # others (32 outputs, sides >= 8, odd and even widths here) Winograd's F(2, 3) along the width;
   # in training both take the hand-written gradient. Edges included: 1x1 and 2-pixel-high images
   # have taps that fall wholly outside.
   with enable_x64():
     x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
-    ours = Conv3x3(features, dtype=jnp.float64, param_dtype=jnp.float64)
+    ours = partial(Conv, features, 3, 1, 1, dtype=jnp.float64, param_dtype=jnp.float64)
     reference = nn.Conv(
       features, (3, 3), padding=1, use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64
     )
-    variables = ours.init(jax.random.key(1), x)
+    variables = reference.init(jax.random.key(1), x)
     weights = jax.random.normal(jax.random.key(2), (*shape[:-1], features), jnp.float64)
 
-    def loss(module, v, x, **kwargs):
-      return (jnp.sin(module.apply(v, x, **kwargs)) * weights).sum()
+    def loss(module, v, x, train=None):
+      module = module if train is None else module(train=train)
+      return (jnp.sin(module.apply(v, x)) * weights).sum()
 
     expected_grads = jax.grad(partial(loss, reference), (0, 1))(variables, x)
     expected_example_grads = jax.vmap(jax.grad(partial(loss, reference), 1), (None, 0))(variables, x[:, None])
     for train in (False, True):
-      _assert_equal_in_float64(ours.apply(variables, x, train=train), reference.apply(variables, x))
+      _assert_equal_in_float64(ours(train=train).apply(variables, x), reference.apply(variables, x))
       grads = jax.grad(partial(loss, ours, train=train), (0, 1))(variables, x)
       jax.tree.map(lambda a, b: _assert_equal_in_float64(a, b), grads, expected_grads)
       # Per-example gradients (vmap of grad) go through the hand-written gradient too.
@@ -195,7 +206,7 @@ def test_conv3x3_values_and_derivatives_equal_nn_conv_in_float64(shape, features
       _assert_equal_in_float64(example_grads, expected_example_grads)
     # Outside training the function is forward-mode differentiable.
     tangents = jax.tree.map(jnp.ones_like, (variables, x))
-    ours_jvp = jax.jvp(partial(loss, ours), (variables, x), tangents)[1]
+    ours_jvp = jax.jvp(partial(loss, ours, train=False), (variables, x), tangents)[1]
     _assert_equal_in_float64(ours_jvp, jax.jvp(partial(loss, reference), (variables, x), tangents)[1])
 
 
@@ -233,37 +244,102 @@ class ConvThenPoolTransition(nn.Module):
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-def transition_outputs_and_gradients(module, variables, x, train):
+def transition_outputs_and_gradients(apply, variables, x):
+  """Output and gradients of `apply(variables, x)`, a transition applied."""
+
   def loss(params, x):
-    y = module.apply({**variables, 'params': params}, x, train=train, mutable=['batch_stats'])[0]
+    y = apply({**variables, 'params': params}, x)
     return (y * jnp.arange(y.size).reshape(y.shape)).sum(), y
 
   (_, y), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables['params'], x)
   return y, grads
 
 
+def transition(kernels: str, features: int, train: bool) -> Transition:
+  """A float64 transition built from the kernel set `kernels`, as `DenseNet` builds it."""
+  ops, dtypes = kernel_set(kernels), dict(dtype=jnp.float64, param_dtype=jnp.float64)
+  return Transition(
+    features,
+    conv=partial(ops.conv, train=train, **dtypes),
+    norm=partial(ops.batch_norm, use_running_average=not train, **dtypes),
+    avg_pool=ops.avg_pool,
+  )
+
+
+@pytest.mark.parametrize('kernels', KERNELS)
 @pytest.mark.parametrize('height, width', [(8, 6), (7, 9)])
-def test_transition_pooling_before_its_convolution_equals_conv_then_pool(height, width):
+def test_transition_pooling_before_its_convolution_equals_conv_then_pool(height, width, kernels):
   # Both are linear and act on different axes, so only the rounding may differ (odd sides
   # drop their last row or column either way): float64 shows the same function.
   with enable_x64():
     x = jax.random.normal(jax.random.key(0), (3, height, width, 6), jnp.float64)
-    kwargs = dict(dtype=jnp.float64, param_dtype=jnp.float64)
-    ours = Transition(
-      4,
-      conv=partial(nn.Conv, use_bias=False, **kwargs),
-      norm=partial(BatchNorm, **kwargs),
-      pointwise=partial(PointwiseConv, **kwargs),
-    )
     reference = ConvThenPoolTransition(4)
     variables = reference.init(jax.random.key(1), x, train=False)
     variables = jax.tree.map(lambda a: a + jax.random.uniform(jax.random.key(2), a.shape, a.dtype), variables)
-    shapes = jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, train=False))
+    shapes = jax.tree.map(jnp.shape, transition(kernels, 4, False).init(jax.random.key(1), x))
     assert shapes == jax.tree.map(jnp.shape, variables)
     for train in (False, True):
-      ours_y, ours_grads = transition_outputs_and_gradients(ours, variables, x, train)
-      expected_y, expected_grads = transition_outputs_and_gradients(reference, variables, x, train)
+      ours = transition(kernels, 4, train)
+      ours_y, ours_grads = transition_outputs_and_gradients(
+        lambda v, x, ours=ours: ours.apply(v, x, mutable=['batch_stats'])[0], variables, x
+      )
+      expected_y, expected_grads = transition_outputs_and_gradients(
+        lambda v, x, t=train: reference.apply(v, x, train=t, mutable=['batch_stats'])[0], variables, x
+      )
       assert ours_y.shape == (3, height // 2, width // 2, 4)
       np.testing.assert_allclose(ours_y, expected_y, rtol=1e-13, atol=1e-13)
       for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(expected_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def model_outputs_and_gradients(model, variables, x, labels, train):
+  """(logits, updated batch_stats or None, gradients of the loss wrt params and images)."""
+
+  def loss(params, x):
+    logits, state = model.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      x,
+      train=train,
+      mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(5)},
+    )
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean()
+    return loss, (logits, state['batch_stats'] if train else None)
+
+  (_, (logits, stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables['params'], x)
+  return logits, stats, grads
+
+
+@pytest.mark.parametrize('kernels', [k for k in KERNELS if k != 'xla'])
+@pytest.mark.parametrize(
+  'depth, bc, stem, memory_efficient, drop_rate',
+  [(16, True, 'imagenet', False, 0.0), (16, True, 'cifar', True, 0.2), (10, False, 'cifar', False, 0.0)],
+  ids=['bc-imagenet-stem', 'bc-cifar-memory-efficient-dropout', 'plain-cifar'],
+)
+def test_whole_model_equals_the_reference_set_in_float64(
+  kernels, depth, bc, stem, memory_efficient, drop_rate
+):
+  """The network under each set against the 'xla' set (what 'auto' runs on TPU and GPU).
+
+  Logits, running averages and the gradients of the loss with respect to every parameter and the
+  images, in training and outside it; Winograd's form and the direct 3x3 form both appear
+  (growth rates 32 and 8), and with 'eval_in_pieces' outside training.
+  """
+  with enable_x64():
+    model = densenet_cifar(depth, 8 if bc else 32, bc=bc, drop_rate=drop_rate, num_classes=5)
+    model = model.clone(
+      stem=stem, memory_efficient=memory_efficient, dtype=jnp.float64, param_dtype=jnp.float64
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3), jnp.float64)
+    labels = jax.random.randint(jax.random.key(1), (4,), 0, 5)
+    variables = model.clone(kernels='xla').init(jax.random.key(2), x, train=False)
+    # Scale, bias and running averages away from their initial values.
+    variables = jax.tree.map(
+      lambda a: a + 0.5 * jax.random.uniform(jax.random.key(3), a.shape, a.dtype), variables
+    )
+    ours_model = model.clone(kernels=kernels, eval_in_pieces=True)
+    for train in (True, False):
+      ours = model_outputs_and_gradients(ours_model, variables, x, labels, train)
+      expected = model_outputs_and_gradients(model.clone(kernels='xla'), variables, x, labels, train)
+      for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
+        _assert_equal_in_float64(a, b)
