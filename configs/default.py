@@ -76,10 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.log_every_steps = 100
   config.eval_every_epochs = 1
-  config.checkpoint_every_steps = 1000  # also at every eval and at the end
+  config.checkpoint_every_steps = 1000  # and at the last step
   config.keep_checkpoints = 3
   config.progress_bar = True
-  config.stop_after_nonfinite = True  # stop (keeping the last good checkpoint) on a NaN/inf loss
   # Multi-process: '' (one process), 'auto' (jax.distributed.initialize() detects Cloud TPU,
   # SLURM, ...), or the coordinator's 'host:port' with num_processes and process_id (or the
   # environment variables JAX_NUM_PROCESSES and JAX_PROCESS_ID).

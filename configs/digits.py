@@ -7,7 +7,7 @@ same input pipeline as CIFAR and ImageNet. DenseNet-BC L=40 k=12 with a 3x3 stem
 
   python train.py --config configs/digits.py --workdir /tmp/digits
 
-Expected: >= 98% test top-1 in under 5 minutes on a 2-core CPU (measured: see README.md).
+Expected: >= 98% test top-1 in about a minute on a 2-core CPU (figures: docs/validation.md).
 """
 
 import ml_collections
