@@ -1,7 +1,7 @@
 """XLA temp memory of one train step, with and without memory_efficient, across depths.
 
   python benchmarks/train_step_memory.py                  # 121, 169, 201, 264; batch 16, 224x224
-  python benchmarks/train_step_memory.py --models densenet121 --batch 32
+  python benchmarks/train_step_memory.py --models densenet121 --kernels xla,cpu
 
 Compiles (does not run) forward + backward + a Nesterov SGD update with weight decay,
 and reads `jax.jit(step).lower(...).compile().memory_analysis()`. Every variant is
@@ -67,17 +67,24 @@ def main():
   parser.add_argument('--models', nargs='+', choices=sorted(MODELS), default=depths)
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--size', type=int, default=224)
+  parser.add_argument('--kernels', default='auto', help="comma-separated kernel sets, e.g. 'xla,cpu'")
   args = parser.parse_args()
   print(f'batch {args.batch}, {args.size}x{args.size}, fp32, backend {jax.default_backend()}')
-  print('| model | dense layers | plain MiB | memory_efficient MiB | efficient / plain |')
-  print('|---|---|---|---|---|')
+  print('| model | kernels | dense layers | plain MiB | memory_efficient MiB | efficient / plain |')
+  print('|---|---|---|---|---|---|')
   rows = []
   for name in args.models:
-    (plain, _), (efficient, _) = (
-      train_step_memory(MODELS[name](memory_efficient=flag), args.batch, args.size) for flag in (False, True)
-    )
-    rows.append((name, sum(MODELS[name]().block_config), plain, efficient))
-    print(f'| {name} | {rows[-1][1]} | {plain:.0f} | {efficient:.0f} | {efficient / plain:.3f} |', flush=True)
+    for kernels in args.kernels.split(','):
+      (plain, _), (efficient, _) = (
+        train_step_memory(MODELS[name](memory_efficient=flag, kernels=kernels), args.batch, args.size)
+        for flag in (False, True)
+      )
+      layers = sum(MODELS[name]().block_config)
+      rows.append((name, layers, plain, efficient))
+      print(
+        f'| {name} | {kernels} | {layers} | {plain:.0f} | {efficient:.0f} | {efficient / plain:.3f} |',
+        flush=True,
+      )
   if len(rows) > 1:
     (first, layers0, plain0, efficient0), (last, layers1, plain1, efficient1) = rows[0], rows[-1]
     print(
