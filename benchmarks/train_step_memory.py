@@ -80,17 +80,19 @@ def main():
         for flag in (False, True)
       )
       layers = sum(MODELS[name]().block_config)
-      rows.append((name, layers, plain, efficient))
+      rows.append((name, kernels, layers, plain, efficient))
       print(
         f'| {name} | {kernels} | {layers} | {plain:.0f} | {efficient:.0f} | {efficient / plain:.3f} |',
         flush=True,
       )
-  if len(rows) > 1:
-    (first, layers0, plain0, efficient0), (last, layers1, plain1, efficient1) = rows[0], rows[-1]
-    print(
-      f'{first} -> {last}: dense layers x{layers1 / layers0:.2f}, plain memory x{plain1 / plain0:.2f}, '
-      f'memory_efficient x{efficient1 / efficient0:.2f}'
-    )
+  for kernels in args.kernels.split(','):
+    runs = [row for row in rows if row[1] == kernels]
+    if len(runs) > 1:
+      (first, _, layers0, plain0, efficient0), (last, _, layers1, plain1, efficient1) = runs[0], runs[-1]
+      print(
+        f'{kernels}, {first} -> {last}: dense layers x{layers1 / layers0:.2f}, plain memory '
+        f'x{plain1 / plain0:.2f}, memory_efficient x{efficient1 / efficient0:.2f}'
+      )
 
 
 if __name__ == '__main__':

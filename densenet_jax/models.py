@@ -147,6 +147,7 @@ class DenseBlock(nn.Module):
     dropout = train and self.drop_rate > 0
     rngs = [self.make_rng('dropout') if dropout else None for _ in names]
     if train and self.train_block is not None:
+      # The same computation as the loop below, scheduled the kernel set's way (ops/cpu_block.py).
       return self.train_block(self, layer, names, x, rngs)
     features = [x]
     for name, rng in zip(names, rngs, strict=True):
