@@ -207,6 +207,13 @@ class DenseNet(nn.Module):
     eval_in_pieces: outside training, run each dense block on pieces of the batch whose output is
       at most 8 MiB, so that a piece's activations stay in the processor's cache; None (the
       default) as the kernel set does it ('cpu' does). The outputs are the same.
+    axis_name: the mapped axis (`jax.pmap`, `jax.shard_map`) over whose devices every BatchNorm
+      computes its batch statistics, as `nn.BatchNorm(axis_name=...)`: with `jax.pmap(...,
+      axis_name='batch')` and `axis_name='batch'`, N devices of B/N images each give what one
+      device gives on B images. None (the default): each device normalises its own images. Not
+      needed under `jax.jit` over a sharded batch, whose statistics are the global batch's.
+    axis_index_groups: groups of device indices along `axis_name` that share statistics, as in
+      `nn.BatchNorm`; None for all.
     dtype: computation dtype (e.g. jnp.bfloat16).
     param_dtype: parameter dtype.
 
@@ -226,6 +233,8 @@ class DenseNet(nn.Module):
   features_only: bool = False
   kernels: str = 'auto'
   eval_in_pieces: bool | None = None
+  axis_name: str | None = None
+  axis_index_groups: Any = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -257,7 +266,15 @@ class DenseNet(nn.Module):
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv = partial(kernels.conv, train=train, kernel_init=conv_kernel_init, **dtypes)
     # PyTorch's BatchNorm momentum 0.1 is Flax's 0.9 (the weight of the running average).
-    norm = partial(kernels.batch_norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, **dtypes)
+    norm = partial(
+      kernels.batch_norm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      **dtypes,
+    )
     in_pieces = kernels.eval_in_pieces if self.eval_in_pieces is None else self.eval_in_pieces
 
     features = {}

@@ -39,6 +39,10 @@ class BatchNorm(nn.Module):
     relu: apply ReLU to the output.
     dtype: output dtype (statistics are computed in at least float32).
     param_dtype: parameter dtype.
+    axis_name: the name of the mapped axis (`jax.pmap`, `jax.shard_map`) whose devices' examples
+      share their batch statistics, as in `nn.BatchNorm`; None for each device's own.
+    axis_index_groups: groups of device indices along `axis_name` that share statistics, as in
+      `nn.BatchNorm`; None for all.
   """
 
   use_running_average: bool | None = None
@@ -47,6 +51,8 @@ class BatchNorm(nn.Module):
   relu: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  axis_name: str | None = None
+  axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x: 'jax.Array | Centered', use_running_average: bool | None = None) -> jax.Array:
@@ -68,6 +74,8 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features)
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features)
     dtype = self.dtype or jnp.result_type(centered.dtype if centered is not None else x, scale, bias)
+    # As nn.BatchNorm: no collectives at initialization, which runs outside the mapped function.
+    axis = None if self.is_initializing() else _Axis.of(self.axis_name, self.axis_index_groups)
     if use_running_average:
       if centered is not None:
         raise ValueError(
@@ -79,7 +87,7 @@ class BatchNorm(nn.Module):
       y = _batch_norm_centered(centered.values, centered.var, scale, bias, self.epsilon, self.relu, dtype)
       mean, var = centered.mean, centered.var
     else:
-      y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.relu, dtype)
+      y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.relu, dtype, axis)
     if not self.is_initializing():
       ra_mean.value = _moving_average(ra_mean.value, mean, self.momentum)
       ra_var.value = _moving_average(ra_var.value, var, self.momentum)
@@ -116,12 +124,49 @@ def _moving_average(average: jax.Array, value: jax.Array, momentum: float) -> ja
   return _promoted(jax.lax.add, kept, added)
 
 
-def _statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(x in at least float32, per-channel mean, biased variance), as `nn.BatchNorm` computes them."""
+@struct.dataclass
+class _Axis:
+  """The mapped axis (and groups of it) whose devices share batch statistics; static, hashable."""
+
+  name: Any = struct.field(pytree_node=False)
+  groups: Any = struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def of(cls, name: Any, groups: Any) -> '_Axis | None':
+    if name is None:
+      return None
+    return cls(name, None if groups is None else tuple(tuple(group) for group in groups))
+
+  def mean(self, x: jax.Array) -> jax.Array:
+    return jax.lax.pmean(x, self.name, axis_index_groups=self.groups)
+
+  def sum(self, x: jax.Array) -> jax.Array:
+    return jax.lax.psum(x, self.name, axis_index_groups=self.groups)
+
+
+def _all_sum(x: jax.Array, axis: _Axis | None) -> jax.Array:
+  """x summed over the devices that share statistics (x itself without an axis)."""
+  return x if axis is None else axis.sum(x)
+
+
+def _count(x: jax.Array, dtype: Any, axis: _Axis | None) -> jax.Array:
+  """The number of values per channel that the statistics are over, on every device sharing them."""
+  return _all_sum(np.asarray(x.size // x.shape[-1], dtype), axis)
+
+
+def _statistics(x: jax.Array, axis: _Axis | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x in at least float32, per-channel mean, biased variance), as `nn.BatchNorm` computes them.
+
+  With an axis, the mean and the mean of squares are averaged over its devices, as `nn.BatchNorm`
+  with `axis_name` does.
+  """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   count = np.asarray(x.size // x.shape[-1], x.dtype)
   mean = jax.lax.div(_channel_sum(x), count)
   mean_of_squares = jax.lax.div(_channel_sum(jax.lax.square(x)), count)
+  if axis is not None:
+    both = axis.mean(jax.lax.concatenate([mean, mean_of_squares], 0))
+    mean, mean_of_squares = both[: mean.shape[0]], both[mean.shape[0] :]
   return x, mean, jax.lax.max(np.zeros((), x.dtype), jax.lax.sub(mean_of_squares, jax.lax.square(mean)))
 
 
@@ -144,17 +189,17 @@ def _normalize(x, mean, var, scale, bias, epsilon, relu, dtype):
   return (nn.relu(y) if relu else y).astype(dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _batch_norm_train(x, scale, bias, epsilon, relu, dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _batch_norm_train(x, scale, bias, epsilon, relu, dtype, axis):
   """(BatchNorm with batch statistics [+ ReLU], batch mean, batch variance)."""
-  return _batch_norm_train_forward(x, scale, bias, epsilon, relu, dtype)[0]
+  return _batch_norm_train_forward(x, scale, bias, epsilon, relu, dtype, axis)[0]
 
 
 # Jitted so that outside `jit` too it is one computation, in which XLA divides by the count
 # as in `jnp.mean` (by multiplying with its reciprocal): the same numbers as nn.BatchNorm's.
-@partial(jax.jit, static_argnums=(3, 4, 5))
-def _batch_norm_train_forward(x, scale, bias, epsilon, relu, dtype):
-  x32, mean, var = _statistics(x)
+@partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _batch_norm_train_forward(x, scale, bias, epsilon, relu, dtype, axis):
+  x32, mean, var = _statistics(x, axis)
   y, rstd = _affine(x32, mean, var, scale, bias, epsilon)
   if relu:  # jax.nn.relu's values; the backward below is its derivative.
     y = jax.lax.max(y, np.zeros((), y.dtype))
@@ -162,18 +207,25 @@ def _batch_norm_train_forward(x, scale, bias, epsilon, relu, dtype):
   return (y, mean, var), (x, y if relu else None, mean, rstd, scale)
 
 
-def _batch_norm_train_forward_rule(x, scale, bias, epsilon, relu, dtype):
+def _batch_norm_train_forward_rule(x, scale, bias, epsilon, relu, dtype, axis):
   # With symbolic zeros the rule gets each argument with a flag saying whether it is differentiated.
-  return _batch_norm_train_forward(x.value, scale.value, bias.value, epsilon, relu, dtype)
+  return _batch_norm_train_forward(x.value, scale.value, bias.value, epsilon, relu, dtype, axis)
 
 
-def _batch_norm_train_backward(epsilon, relu, dtype, residuals, cotangents):
+def _batch_norm_train_backward(epsilon, relu, dtype, axis, residuals, cotangents):
+  """The textbook gradient. With an axis, x's gradient sums the per-channel terms over its devices.
+
+  Every device's loss reads the shared statistics, so the statistics' cotangents (and the sums
+  through which the normalisation's own terms reach them) add up over the devices, and the count is
+  the devices' total: what autodiff through `nn.BatchNorm`'s `pmean` gives. The scale's and bias's
+  gradients stay this device's own, as autodiff gives them.
+  """
   del epsilon, dtype  # In the saved rstd, and the cotangent's dtype.
   x, y, mean, rstd, scale = residuals
   dy, dmean, dvar = cotangents
   if isinstance(dy, SymbolicZero):
     dy = jnp.zeros(dy.shape, dy.dtype)
-  count = np.asarray(x.size // x.shape[-1], mean.dtype)
+  count = _count(x, mean.dtype, axis)
   x32 = x.astype(mean.dtype)
   # Where the ReLU output is 0 the gradient stops: its input was <= 0 (the forward's own
   # values decide, so no recomputation can round to the other side of 0).
@@ -184,15 +236,16 @@ def _batch_norm_train_backward(epsilon, relu, dtype, residuals, cotangents):
   dscale = jax.lax.mul(_channel_sum(jax.lax.mul(g, centered)), rstd)
   # d/dx of the normalisation through x, the batch mean and the batch variance:
   # scale * rstd * (g - mean(g) - centered * rstd * dscale / count).
-  mean_term = _per_channel(jax.lax.div(dbias, count), g)
-  variance_term = jax.lax.mul(centered, _per_channel(jax.lax.div(jax.lax.mul(rstd, dscale), count), g))
+  mean_term = _per_channel(jax.lax.div(_all_sum(dbias, axis), count), g)
+  variance_factor = jax.lax.div(jax.lax.mul(rstd, _all_sum(dscale, axis)), count)
+  variance_term = jax.lax.mul(centered, _per_channel(variance_factor, g))
   inner = jax.lax.sub(jax.lax.sub(g, mean_term), variance_term)
   dx = _promoted(jax.lax.mul, _per_channel(_promoted(jax.lax.mul, scale, rstd), g), inner)
   # The cotangents of the returned statistics: symbolic zeros when they only update running averages.
   if not isinstance(dmean, SymbolicZero):
-    dx = _promoted(jax.lax.add, dx, _per_channel(jax.lax.div(dmean, count), dx))
+    dx = _promoted(jax.lax.add, dx, _per_channel(jax.lax.div(_all_sum(dmean, axis), count), dx))
   if not isinstance(dvar, SymbolicZero):
-    two_dvar = jax.lax.mul(np.asarray(2, dvar.dtype), dvar)
+    two_dvar = jax.lax.mul(np.asarray(2, dvar.dtype), _all_sum(dvar, axis))
     dx = _promoted(
       jax.lax.add, dx, _promoted(jax.lax.mul, centered, _per_channel(jax.lax.div(two_dvar, count), dx))
     )
@@ -223,12 +276,14 @@ class Centered:
     mean: the per-channel batch mean of the concatenation.
     var: its per-channel biased batch variance (as `nn.BatchNorm` computes it).
     dtype: the dtype of the feature maps before centring.
+    axis: the mapped axis whose devices share the statistics (`center`), or None.
   """
 
   values: tuple[jax.Array, ...]
   mean: jax.Array
   var: jax.Array
   dtype: Any = struct.field(pytree_node=False)
+  axis: Any = struct.field(pytree_node=False, default=None)
 
   @classmethod
   def concatenate(cls, parts: Sequence['Centered']) -> 'Centered':
@@ -238,59 +293,68 @@ class Centered:
       mean=jax.lax.concatenate([part.mean for part in parts], 0),
       var=jax.lax.concatenate([part.var for part in parts], 0),
       dtype=jnp.result_type(*(part.dtype for part in parts)),
+      axis=parts[0].axis,
     )
 
 
-def center(x: jax.Array) -> Centered:
+def center(x: jax.Array, axis_name: Any = None, axis_index_groups: Any = None) -> Centered:
   """x minus its per-channel batch mean (over all axes but the last), with the batch statistics.
 
   Differentiable in reverse mode: the summed gradients of the centred values, the mean and
   the variance, from every BatchNorm that read them, go back to x together.
+
+  Args:
+    x: the feature maps.
+    axis_name: the mapped axis whose devices share the statistics, as in `nn.BatchNorm`.
+    axis_index_groups: groups of devices along it that share them, as in `nn.BatchNorm`.
   """
-  values, mean, var = _center(x, x.dtype)
-  return Centered((values,), mean, var, x.dtype)
+  axis = _Axis.of(axis_name, axis_index_groups)
+  values, mean, var = _center(x, x.dtype, axis)
+  return Centered((values,), mean, var, x.dtype, axis)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _center(x, dtype):
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _center(x, dtype, axis):
   del dtype  # x's, for its gradient.
-  return _center_forward(x)[0]
+  return _center_forward(x, axis)[0]
 
 
-@jax.jit
-def _center_forward(x):
-  x32, mean, var = _statistics(x)
+@partial(jax.jit, static_argnums=(1,))
+def _center_forward(x, axis):
+  x32, mean, var = _statistics(x, axis)
   centered = jax.lax.sub(x32, _per_channel(mean, x32))
   return (centered, mean, var), centered
 
 
-def _center_forward_rule(x, dtype):
+def _center_forward_rule(x, dtype, axis):
   del dtype
-  return _center_forward(x.value)
+  return _center_forward(x.value, axis)
 
 
-@jax.jit
-def _center_backward(centered, d_centered, d_mean=None, d_var=None):
+@partial(jax.jit, static_argnames=('axis',))
+def _center_backward(centered, d_centered, d_mean=None, d_var=None, *, axis=None):
   """x's gradient: d(centered) - its mean + d(mean) / count + centered * 2 d(var) / count.
 
   The variance is mean(x^2) - mean(x)^2, whose derivative is 2 * (x - mean) / count. A
-  cotangent that is None is zero.
+  cotangent that is None is zero. With an axis, the per-channel terms are summed over its devices
+  and the count is theirs (see `_batch_norm_train_backward`).
   """
-  count = np.asarray(centered.size // centered.shape[-1], centered.dtype)
+  count = _count(centered, centered.dtype, axis)
   dx = jnp.zeros(centered.shape, centered.dtype)
   if d_centered is not None:
-    dx = jax.lax.sub(d_centered, _per_channel(jax.lax.div(_channel_sum(d_centered), count), d_centered))
+    d_mean_of_centring = jax.lax.div(_all_sum(_channel_sum(d_centered), axis), count)
+    dx = jax.lax.sub(d_centered, _per_channel(d_mean_of_centring, d_centered))
   if d_mean is not None:
-    dx = jax.lax.add(dx, _per_channel(jax.lax.div(d_mean, count), dx))
+    dx = jax.lax.add(dx, _per_channel(jax.lax.div(_all_sum(d_mean, axis), count), dx))
   if d_var is not None:
-    two_d_var = jax.lax.mul(np.asarray(2, d_var.dtype), d_var)
+    two_d_var = jax.lax.mul(np.asarray(2, d_var.dtype), _all_sum(d_var, axis))
     dx = jax.lax.add(dx, jax.lax.mul(centered, _per_channel(jax.lax.div(two_d_var, count), dx)))
   return dx
 
 
-def _center_backward_rule(dtype, centered, cotangents):
+def _center_backward_rule(dtype, axis, centered, cotangents):
   cotangents = [None if isinstance(c, SymbolicZero) else c for c in cotangents]
-  return (_center_backward(centered, *cotangents).astype(dtype),)
+  return (_center_backward(centered, *cotangents, axis=axis).astype(dtype),)
 
 
 _center.defvjp(_center_forward_rule, _center_backward_rule, symbolic_zeros=True)

@@ -11,6 +11,7 @@ The numbers are the reference block's (tests/test_kernel_sets.py).
 """
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -33,10 +34,18 @@ def train_block(
     x: the block's input.
     dropout_rngs: one dropout key per layer, or Nones.
   """
+  # The set's BatchNorm says which devices share the statistics (none while initializing, as there).
+  norm = block.norm(parent=None)
+  shared = (
+    {}
+    if block.is_initializing()
+    else dict(axis_name=norm.axis_name, axis_index_groups=norm.axis_index_groups)
+  )
+  center_ = partial(center, **shared)
   if block.memory_efficient and not block.is_initializing():
     # The layers run as pure functions of their variables under one custom gradient.
     variables = block.variables
-    y, batch_stats = _memory_efficient_block(layer(parent=None))(
+    y, batch_stats = _memory_efficient_block(layer(parent=None), center_)(
       [variables['params'][name] for name in names],
       [variables['batch_stats'][name] for name in names],
       x,
@@ -45,17 +54,19 @@ def train_block(
     for name, stats in zip(names, batch_stats, strict=True):
       block.put_variable('batch_stats', name, stats)
     return y
-  features, centered = [x], center(x)
+  features, centered = [x], center_(x)
   for i, (name, rng) in enumerate(zip(names, dropout_rngs, strict=True)):
     new = layer(name=name)(centered, True, rng)
     features.append(new)
     if i + 1 < len(names):
       # One at a time: the statistics' gradients then add up in one sum per layer, not per feature map.
-      centered = Centered.concatenate([centered, center(new)])
+      centered = Centered.concatenate([centered, center_(new)])
   return jnp.concatenate(features, axis=-1)
 
 
-def _memory_efficient_block(layer: nn.Module) -> Callable[..., tuple[jax.Array, list[Any]]]:
+def _memory_efficient_block(
+  layer: nn.Module, center: Callable[[jax.Array], Centered]
+) -> Callable[..., tuple[jax.Array, list[Any]]]:
   """A dense block in training mode whose backward pass recomputes instead of storing.
 
   The returned function maps (per-layer params, per-layer batch_stats, block input,
@@ -110,7 +121,7 @@ def _memory_efficient_block(layer: nn.Module) -> Callable[..., tuple[jax.Array, 
   def backward(residuals, cotangents):
     params, batch_stats, inputs, bottlenecks, rngs = residuals
     gradient, _ = cotangents  # The running averages have no gradient.
-    centered = inputs[-1].values  # Each feature map but the last, centred.
+    centered, axis = inputs[-1].values, inputs[-1].axis  # Each feature map but the last, centred.
     widths = [c.shape[-1] for c in centered]
     ends = np.cumsum([*widths, gradient.shape[-1] - sum(widths)])
     param_grads = [None] * len(params)
@@ -120,7 +131,9 @@ def _memory_efficient_block(layer: nn.Module) -> Callable[..., tuple[jax.Array, 
 
     def feature_grad(j, start, end):
       """Feature j's gradient: from the block output, and through its centring from the later layers."""
-      through_centring = _center_backward(centered[j], values_grad[..., start:end], None, var_grad[start:end])
+      through_centring = _center_backward(
+        centered[j], values_grad[..., start:end], None, var_grad[start:end], axis=axis
+      )
       return gradient[..., start:end] + through_centring.astype(gradient.dtype)
 
     for i in reversed(range(len(params))):
