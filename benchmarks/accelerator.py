@@ -14,7 +14,9 @@ should pick there (`densenet_jax.ops.kernel_set`).
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -22,6 +24,9 @@ import jax.numpy as jnp
 import optax
 
 import densenet_jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step_memory import train_step_fn  # noqa: E402  (a sibling script, not a package)
 
 # Dense bfloat16 peak per chip, TFLOP/s (vendors' figures), by `jax.devices()[0].device_kind`.
 PEAK_TFLOPS = {
@@ -39,27 +44,6 @@ PEAK_TFLOPS = {
   'NVIDIA H100 PCIe': 756,
   'NVIDIA L4': 121,
 }
-
-
-def train_step_fn(model: densenet_jax.DenseNet, optimizer: optax.GradientTransformation):
-  """A user-style train step: softmax cross-entropy, `optax` update, new running averages."""
-
-  def step(variables, opt_state, images, labels):
-    def loss_fn(params):
-      logits, updates = model.apply(
-        {'params': params, 'batch_stats': variables['batch_stats']},
-        images,
-        train=True,
-        mutable=['batch_stats'],
-      )
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-      return loss, updates
-
-    grads, updates = jax.grad(loss_fn, has_aux=True)(variables['params'])
-    param_updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
-    return {'params': optax.apply_updates(variables['params'], param_updates), **updates}, opt_state
-
-  return step
 
 
 def median_seconds(run, steps: int) -> float:

@@ -109,10 +109,9 @@ class DenseBlock(nn.Module):
     memory_efficient: recompute instead of keeping, in training.
     conv: the kernel set's convolution, `train` bound.
     norm: the kernel set's BatchNorm, `use_running_average` bound.
-    train_block: the kernel set's block in training (`ops.KernelSet.train_block`); None for the
-      loop below.
-    eval_piece_bytes: outside training, run the block on pieces of the batch whose output is at
-      most this many bytes, one after another (`ops/pieces.py`); None for the whole batch.
+    train_block: the kernel set's block in training (`ops.KernelSet.train_block`), or None.
+    eval_piece_bytes: outside training, run the block on pieces of the batch of at most this many
+      bytes of output, one after another (`ops/pieces.py`); None for the whole batch.
   """
 
   num_layers: int
@@ -198,22 +197,17 @@ class DenseNet(nn.Module):
     memory_efficient: in training, recompute each dense layer's concatenation and first BN-ReLU in
       the backward pass instead of keeping them: the same numbers, memory linear instead of
       quadratic in depth.
-    features_only: return a dict of the per-stage features (torchvision's `features` children
-      names: 'conv0', 'norm0', 'relu0', 'pool0', 'denseblock1', 'transition1', ..., 'norm5')
-      instead of logits; no classifier is created. It applies to a full model's variables.
+    features_only: return a dict of the per-stage features, by torchvision's `features` children
+      names ('conv0', ..., 'denseblock1', 'transition1', ..., 'norm5'), instead of logits.
     kernels: the kernel set, 'auto' (the default: 'cpu' on the CPU, 'xla' elsewhere), 'xla' (stock
       Flax, the reference) or 'cpu' (the same numbers, about twice as fast on XLA:CPU). See
       `densenet_jax.ops`. The variables are the same for every set.
-    eval_in_pieces: outside training, run each dense block on pieces of the batch whose output is
-      at most 8 MiB, so that a piece's activations stay in the processor's cache; None (the
-      default) as the kernel set does it ('cpu' does). The outputs are the same.
-    axis_name: the mapped axis (`jax.pmap`, `jax.shard_map`) over whose devices every BatchNorm
-      computes its batch statistics, as `nn.BatchNorm(axis_name=...)`: with `jax.pmap(...,
-      axis_name='batch')` and `axis_name='batch'`, N devices of B/N images each give what one
-      device gives on B images. None (the default): each device normalises its own images. Not
-      needed under `jax.jit` over a sharded batch, whose statistics are the global batch's.
-    axis_index_groups: groups of device indices along `axis_name` that share statistics, as in
-      `nn.BatchNorm`; None for all.
+    eval_in_pieces: outside training, run each dense block on pieces of the batch of at most 8 MiB
+      of output, which stay in cache; None as the kernel set does ('cpu' does). The same outputs.
+    axis_name: as `nn.BatchNorm`'s: the `jax.pmap`/`jax.shard_map` axis over whose devices batch
+      statistics are computed (N devices of B/N images then give what one gives on B images);
+      None for each device's own. `jax.jit` over a sharded batch needs none.
+    axis_index_groups: as `nn.BatchNorm`'s: groups of devices along `axis_name` that share them.
     dtype: computation dtype (e.g. jnp.bfloat16).
     param_dtype: parameter dtype.
 
@@ -328,10 +322,9 @@ def densenet_cifar(
 ) -> DenseNet:
   """The paper's CIFAR/SVHN networks: DenseNet (L, k) or DenseNet-BC (L, k).
 
-  Three dense blocks of equal size after a 3x3 stem conv. A plain DenseNet has
-  (L - 4) / 3 layers per block (BN-ReLU-3x3 conv), 16 stem channels and no
-  compression; DenseNet-BC has (L - 4) / 6 bottleneck layers per block, 2k stem
-  channels and compression 0.5.
+  Three dense blocks of equal size after a 3x3 stem conv. A plain DenseNet has (L - 4) / 3 layers per
+  block (BN-ReLU-3x3 conv), 16 stem channels and no compression; DenseNet-BC has (L - 4) / 6
+  bottleneck layers per block, 2k stem channels and compression 0.5.
 
   Args:
     depth: L, the number of layers with weights (convolutions and the classifier).
@@ -341,10 +334,10 @@ def densenet_cifar(
     **kwargs: any other `DenseNet` attribute (drop_rate, memory_efficient, dtype, ...).
 
   Returns:
-    The configured (unbound) `DenseNet`.
+    The configured `DenseNet`.
   """
-  # Each dense layer has 2 convolutions in DenseNet-BC, 1 in DenseNet; the other 4 layers
-  # with weights are the stem conv, 2 transition convs and the classifier.
+  # Each dense layer has 2 convolutions in DenseNet-BC, 1 in DenseNet; the other 4 layers with weights
+  # are the stem conv, 2 transition convs and the classifier.
   step = 3 * (2 if bc else 1)
   if not isinstance(depth, int) or depth < 4 + step or (depth - 4) % step:
     examples = ', '.join(str(step * n + 4) for n in (1, 2, 6, 16))
