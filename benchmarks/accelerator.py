@@ -106,6 +106,7 @@ def main() -> None:
   parser.add_argument('--peak-tflops', type=float, help="the chip's bfloat16 peak, if not in PEAK_TFLOPS")
   args = parser.parse_args()
 
+  started = time.perf_counter()
   device = jax.devices()[0]
   if args.tiny:
     base, batch, size, steps = densenet_jax.DenseNet(8, (2, 2), 16, num_classes=10), 4, 32, 2
@@ -131,7 +132,7 @@ def main() -> None:
         f'{mfu} {r["temp_mib"]:9.1f} {r["temp_mib_efficient"]:14.1f} {r["compile_s"]:10.1f}',
         flush=True,
       )
-  print(f"* what kernels='auto' picks on {device.platform}")
+  print(f"* what kernels='auto' picks on {device.platform}; {time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == '__main__':

@@ -6,11 +6,12 @@
 
 Each side runs in its own process, the sides alternate over `--rounds`, and every figure is
 the median over rounds of the median step time after warm-up. A train step is forward,
-backward and an SGD (Nesterov momentum, weight decay) update; eval is a forward pass with
-running statistics. torchvision runs with channels_last when torch is installed (see the
-README for installing it over a CPU torch). Every side runs with glibc's malloc asking for
-huge pages, as `train.py` runs (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0 python
-benchmarks/speed.py` measures without). The script assumes nothing about the platform:
+backward and an SGD (Nesterov momentum, weight decay) update, as a user writes it with optax;
+eval is a forward pass with running statistics. torchvision runs with channels_last when torch
+is installed (`.ci/run` installs it). Every side runs in the process a user of the library gets:
+glibc's malloc as it comes. `--huge-pages` runs every side as `train.py` runs itself, with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which moves the sides by different amounts on different
+machines (docs/performance.md, "What a user sees"). The script assumes nothing about the platform:
 on a GPU or TPU host it measures there and adds model FLOP utilization where the chip's
 peak is known. `--profile N` also runs a few train steps under `jax.profiler` and prints, for
 each JAX side, the N XLA operations that take the longest (ms per step, with their HLO) and the
@@ -215,6 +216,7 @@ def run_side(side: str, args) -> dict | None:
   command = [sys.executable, os.path.abspath(__file__), '--worker', side]
   for name in ('model', 'batch', 'size', 'warmup', 'steps', 'eval_steps', 'profile'):
     command += [f'--{name.replace("_", "-")}', str(getattr(args, name))]
+  command += ['--huge-pages'] if args.huge_pages else []
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
     print(f'{side}: failed\n{result.stderr[-2000:]}', file=sys.stderr)
@@ -250,14 +252,20 @@ def main() -> None:
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--sides', default='densenet-jax,densenet-jax-memory-efficient,baseline,torch')
   parser.add_argument('--profile', type=int, default=0, metavar='N', help='print the N slowest XLA ops')
+  parser.add_argument(
+    '--huge-pages',
+    action='store_true',
+    help="every side with glibc's malloc asking for huge pages, as train.py",
+  )
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    # Every side, torch too, in the process environment train.py gives itself.
+    # This checkout's densenet_jax and train.py, whatever is installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from train import restart_with_huge_page_malloc
+    if args.huge_pages:  # Every side, torch too, in the process environment train.py gives itself.
+      from train import restart_with_huge_page_malloc
 
-    restart_with_huge_page_malloc()
+      restart_with_huge_page_malloc()
     args.side = args.worker
     print(json.dumps(torch_worker(args) if args.worker == 'torch' else jax_worker(args)))
     return
@@ -290,7 +298,11 @@ def main() -> None:
       }
       summary[side]['device'] = runs[0]['device']
   gflop = summary.get('densenet-jax', summary.get('baseline', {})).get('train_gflop_per_image')
-  print(f'\n{args.model}, batch {args.batch}, {args.size}x{args.size}, fp32, median of {args.rounds} rounds:')
+  malloc = 'huge pages, as train.py' if args.huge_pages else "glibc's default malloc, as a library user"
+  print(
+    f'\n{args.model}, batch {args.batch}, {args.size}x{args.size}, fp32, {malloc}, '
+    f'median of {args.rounds} rounds:'
+  )
   print(
     f'{"side":<32}{"train img/s":>12}{"eval img/s":>12}{"train GFLOP/s":>15}{"compile s":>11}{"temp MiB":>10}'
   )
