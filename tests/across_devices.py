@@ -37,7 +37,7 @@ def difference(a, b) -> float:
   return max(errors)
 
 
-def model_for(kernels: str, memory_efficient: bool, axis_name=None) -> densenet_jax.DenseNet:
+def model_for(kernels: str, memory_efficient: bool, axis_name=None, groups=None) -> densenet_jax.DenseNet:
   return densenet_jax.DenseNet(
     growth_rate=4,
     block_config=(2, 2),
@@ -46,6 +46,7 @@ def model_for(kernels: str, memory_efficient: bool, axis_name=None) -> densenet_
     kernels=kernels,
     memory_efficient=memory_efficient,
     axis_name=axis_name,
+    axis_index_groups=groups,
     dtype=jnp.float64,
     param_dtype=jnp.float64,
   )
@@ -121,6 +122,35 @@ def across_devices(kernels: str, memory_efficient: bool) -> dict[str, float]:
     'logits': difference(logits, expected[0]),
     'batch_stats': difference(batch_stats, expected[1]),
     'grads': difference(grads, expected[2]),
+  }
+
+  # axis_index_groups: two groups of devices, each of which is one device on its group's images.
+  half = DEVICES // 2
+  groups = [list(range(half)), list(range(half, DEVICES))]
+  grouped = model_for(kernels, memory_efficient, axis_name='batch', groups=groups)
+  logits, batch_stats, grads = jax.pmap(
+    functools.partial(mapped_step, grouped), axis_name='batch', in_axes=(None, 0, 0)
+  )(variables, split(images), split(labels))
+  per_group = [
+    jax.jit(functools.partial(loss_and_grads, one))(
+      variables, images[g * BATCH // 2 : (g + 1) * BATCH // 2], labels[g * BATCH // 2 : (g + 1) * BATCH // 2]
+    )
+    for g in range(2)
+  ]
+  results['groups'] = {
+    'logits': difference(logits.reshape(BATCH, -1), jnp.concatenate([r[0] for r in per_group])),
+    'batch_stats': max(
+      difference(jax.tree.map(lambda a, i=i: a[i], batch_stats), per_group[i // half][1])
+      for i in range(DEVICES)
+    ),
+    # Each device's gradient averaged over all devices: the mean of the groups' gradients.
+    'grads': max(
+      difference(
+        jax.tree.map(lambda a, i=i: a[i], grads),
+        jax.tree.map(lambda a, b: (a + b) / 2, per_group[0][2], per_group[1][2]),
+      )
+      for i in range(DEVICES)
+    ),
   }
 
   if not memory_efficient:

@@ -48,6 +48,16 @@ def test_devices_with_axis_name_equal_one_device_on_the_global_batch(
   assert measured['grads'] < 1e-10  # Summed in another order: up to 3.4e-13 measured, float64.
 
 
+@pytest.mark.parametrize('memory_efficient', [False, True], ids=['plain', 'memory-efficient'])
+@pytest.mark.parametrize('kernels', KERNELS)
+def test_axis_index_groups_share_statistics_within_each_group(results, kernels, memory_efficient):
+  # 4 devices in 2 groups of 2: each group normalises as one device on the group's 4 images.
+  measured = results[kernels + ('-memory-efficient' if memory_efficient else '')]['groups']
+  assert measured['logits'] < 1e-12
+  assert measured['batch_stats'] < 1e-12
+  assert measured['grads'] < 1e-10
+
+
 @pytest.mark.parametrize('kernels', KERNELS)
 def test_without_axis_name_each_device_normalises_its_own_images(results, kernels):
   measured = results[kernels]['per_device']
