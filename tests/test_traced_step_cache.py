@@ -1,4 +1,4 @@
-"""A restart loads the traced train step (`train_lib.TracedStep`) rather than tracing it: the same run."""
+"""A restart loads the traced train step (`traced_step.TracedStep`) rather than tracing it: the same run."""
 
 import logging
 
@@ -6,20 +6,20 @@ import numpy as np
 from conftest import optional_module
 
 from configs import cifar10
-from densenet_jax import train_lib
+from densenet_jax import traced_step, train_lib
 
 tfds = optional_module('tensorflow_datasets')
 
 
 def test_a_restart_loads_the_traced_step_and_trains_exactly_the_same(tmp_path, monkeypatch, caplog):
   traces = []
-  train_step = train_lib.train_step
+  train_step = traced_step.train_step  # The step jit_train_step traces.
 
   def counted_train_step(*args, **kwargs):
     traces.append(1)
     return train_step(*args, **kwargs)
 
-  monkeypatch.setattr(train_lib, 'train_step', counted_train_step)
+  monkeypatch.setattr(traced_step, 'train_step', counted_train_step)
 
   def train(workdir: str, **overrides) -> tuple[dict, int]:
     """(final metrics, times the step was traced) of a 2-step run of a 1-layer-per-block DenseNet-BC."""
