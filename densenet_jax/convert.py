@@ -10,14 +10,16 @@ being told the preset. Needs torch (`pip install 'densenet-jax[torch]'`) for .pt
 """
 
 import argparse
-import pathlib
+import os
 import sys
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from densenet_jax.models import DenseNet
+from densenet_jax.paths import as_path
 from densenet_jax.torchvision_port import (
   StateDictError,
   config_from_variables,
@@ -36,10 +38,11 @@ def _import_torch():
   return torch
 
 
-def load_pth(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+def load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The state dict in a .pth file, as numpy arrays (a {'state_dict': ...} wrapper is opened)."""
   torch = _import_torch()
-  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  with as_path(path).open('rb') as f:
+    state_dict = torch.load(f, map_location='cpu', weights_only=True)
   if isinstance(state_dict, dict) and isinstance(state_dict.get('state_dict'), dict):
     state_dict = state_dict['state_dict']
   return {key: value.detach().cpu().numpy() for key, value in state_dict.items()}
@@ -59,9 +62,9 @@ def model_config(model: DenseNet) -> dict[str, Any]:
   return {name: getattr(model, name) for name in names}
 
 
-def save_checkpoint(directory: str | pathlib.Path, model: DenseNet, variables: dict) -> pathlib.Path:
+def save_checkpoint(directory: str | os.PathLike, model: DenseNet, variables: dict) -> epath.Path:
   """Writes `variables` and `model`'s configuration as an orbax checkpoint; never overwrites."""
-  directory = pathlib.Path(directory).absolute()
+  directory = as_path(directory)
   if directory.exists():
     raise FileExistsError(f'{directory} exists; choose a new directory (nothing was overwritten).')
   config = model_config(model)
@@ -75,14 +78,14 @@ def save_checkpoint(directory: str | pathlib.Path, model: DenseNet, variables: d
   return directory
 
 
-def load_checkpoint(directory: str | pathlib.Path, **model_kwargs: Any) -> tuple[DenseNet, dict]:
+def load_checkpoint(directory: str | os.PathLike, **model_kwargs: Any) -> tuple[DenseNet, dict]:
   """(model, variables) from a `save_checkpoint` directory or a training checkpoint.
 
   A training checkpoint is one step of train.py's WORKDIR/checkpoints (e.g.
   WORKDIR/checkpoints/660): its `state` holds params and batch_stats beside the optimizer
   state. `model_kwargs` add e.g. dtype.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = as_path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} is not a checkpoint directory.')
   is_training_checkpoint = (directory / 'state').is_dir()
@@ -100,7 +103,7 @@ def load_checkpoint(directory: str | pathlib.Path, **model_kwargs: Any) -> tuple
   return DenseNet(**config, **model_kwargs), variables
 
 
-def pth_to_checkpoint(pth: str | pathlib.Path, directory: str | pathlib.Path) -> DenseNet:
+def pth_to_checkpoint(pth: str | os.PathLike, directory: str | os.PathLike) -> DenseNet:
   """Converts a torchvision .pth to a checkpoint; returns the model it fits."""
   state_dict = load_pth(pth)
   model = DenseNet(**config_from_variables(from_torchvision(state_dict)))
@@ -109,14 +112,15 @@ def pth_to_checkpoint(pth: str | pathlib.Path, directory: str | pathlib.Path) ->
   return model
 
 
-def checkpoint_to_pth(directory: str | pathlib.Path, pth: str | pathlib.Path) -> None:
+def checkpoint_to_pth(directory: str | os.PathLike, pth: str | os.PathLike) -> None:
   """Writes a checkpoint's variables as a torchvision state dict (.pth); never overwrites."""
   torch = _import_torch()
-  pth = pathlib.Path(pth)
+  pth = as_path(pth)
   if pth.exists():
     raise FileExistsError(f'{pth} exists; choose a new file name (nothing was overwritten).')
   _, variables = load_checkpoint(directory)
-  torch.save({k: torch.from_numpy(v) for k, v in to_torchvision(variables).items()}, pth)
+  with pth.open('wb') as f:
+    torch.save({k: torch.from_numpy(v) for k, v in to_torchvision(variables).items()}, f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == 'to-jax':
       model = pth_to_checkpoint(args.pth, args.checkpoint_dir)
       print(
-        f'wrote {pathlib.Path(args.checkpoint_dir).absolute()} (growth_rate={model.growth_rate}, '
+        f'wrote {as_path(args.checkpoint_dir)} (growth_rate={model.growth_rate}, '
         f'block_config={model.block_config}, num_classes={model.num_classes})'
       )
     else:

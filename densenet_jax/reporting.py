@@ -1,6 +1,14 @@
-"""What a run shows and writes: log lines, progress bar, TensorBoard, metrics.jsonl, curves.png."""
+"""What a run shows and writes: log lines, progress bar, TensorBoard, metrics.jsonl, curves.png.
 
+Every file goes through `etils.epath`, so a gs:// workdir works as a local one. Object stores
+cannot append, so metrics.jsonl and the TensorBoard events are written whole each time (small:
+one record per log line).
+"""
+
+import io
 import json
+import os
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -8,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
+from etils import epath
 
 
 def log(message: str) -> None:
@@ -42,13 +51,11 @@ class Reporter:
         record = json.loads(line)
         if record['step'] <= start_step:
           self.history.append(record)
-      self.history_path.write_text(''.join(json.dumps(r) + '\n' for r in self.history))
+      self._write_history()
     self.tensorboard = None
     self.bar = None
     if self.is_writer:
-      from flax.metrics import tensorboard
-
-      self.tensorboard = tensorboard.SummaryWriter(str(s.workdir / 'tensorboard'))
+      self.tensorboard = TensorBoardScalars(s.workdir / 'tensorboard', start_step)
       if s.config.progress_bar:
         from tqdm import tqdm
 
@@ -99,12 +106,14 @@ class Reporter:
       return
     log(message)
     self.history.append(record)
-    with self.history_path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
+    self._write_history()
     for key, value in {**record, **extra_scalars}.items():
       if key not in ('step', 'epoch', 'test_examples'):
         self.tensorboard.scalar(key, value, record['step'])
     self.tensorboard.flush()
+
+  def _write_history(self) -> None:
+    self.history_path.write_text(''.join(json.dumps(r) + '\n' for r in self.history))
 
   def plot(self) -> None:
     """WORKDIR/curves.png: train and test loss, and top-1, against epochs."""
@@ -132,8 +141,10 @@ class Reporter:
       ax.legend()
     fig.suptitle(f'{self.s.config.model} on {self.s.config.dataset} ({self.s.workdir.name})')
     fig.tight_layout()
-    fig.savefig(self.s.workdir / 'curves.png', dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format='png', dpi=100)
     plt.close(fig)
+    (self.s.workdir / 'curves.png').write_bytes(png.getvalue())
 
   def close(self) -> None:
     Reporter.active_bar = None
@@ -141,6 +152,47 @@ class Reporter:
       self.bar.close()
     if self.tensorboard is not None:
       self.tensorboard.close()
+
+
+class TensorBoardScalars:
+  """Scalars in a TensorBoard event file, written through `epath` (so to gs:// as to a local folder).
+
+  `flax.metrics.tensorboard` writes through `tf.io.gfile`, whose GCS client has its endpoint
+  built in; through `epath` every file of a run takes one path, the one the tests run against a
+  GCS emulator. The file is kept in memory and written whole at each flush, as an object
+  store cannot append.
+  """
+
+  def __init__(self, directory: epath.Path, start_step: int):
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    self._event_pb2 = event_pb2
+    directory.mkdir(parents=True, exist_ok=True)
+    self.path = directory / f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+    self._buffer = io.BytesIO()
+    self._records = RecordWriter(self._buffer)
+    self._add(event_pb2.Event(file_version='brain.Event:2'))
+    # A resumed run: TensorBoard drops what an earlier file logged after the checkpoint (steps
+    # from start_step + 1 on, which this run logs again).
+    start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+    self._add(event_pb2.Event(step=start_step + 1, session_log=start))
+
+  def _add(self, event) -> None:
+    event.wall_time = time.time()
+    self._records.write(event.SerializeToString())
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboard.compat.proto import summary_pb2
+
+    value = summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+    self._add(self._event_pb2.Event(step=step, summary=summary_pb2.Summary(value=[value])))
+
+  def flush(self) -> None:
+    self.path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
 
 
 def duration(seconds: float) -> str:
