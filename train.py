@@ -9,6 +9,7 @@ config or data are one line on stderr and a non-zero exit code; SIGTERM saves an
 """
 
 import gc
+import importlib.util
 import os
 import re
 import sys
@@ -18,16 +19,27 @@ import sys
 # at batch 16) and glibc maps them anew each time: with 4 KiB pages that is ~780,000 page
 # faults per step, a third of the step on CPU. No effect where the kernel has THP off.
 HUGE_PAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
+# JAX's accelerator plugins: where one is installed, the step runs on TPU or GPU (whose memory
+# glibc does not allocate) and the re-exec buys nothing.
+ACCELERATOR_PACKAGES = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm7_plugin')
+
+
+def runs_on_cpu() -> bool:
+  """Whether JAX will run on the CPU, told without importing it (so before the re-exec)."""
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return platforms.split(',')[0] == 'cpu'
+  return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PACKAGES)
 
 
 def restart_with_huge_page_malloc() -> None:
   """Re-executes this process with HUGE_PAGE_TUNABLE in GLIBC_TUNABLES (read at start-up only).
 
-  Does nothing off Linux or when GLIBC_TUNABLES already sets `glibc.malloc.hugetlb` (so
-  `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns this off).
+  Only where JAX runs on the CPU (where it was measured), on Linux, and when GLIBC_TUNABLES does
+  not set `glibc.malloc.hugetlb` already (so `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns it off).
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if sys.platform != 'linux' or 'glibc.malloc.hugetlb' in tunables:
+  if sys.platform != 'linux' or 'glibc.malloc.hugetlb' in tunables or not runs_on_cpu():
     return
   os.environ['GLIBC_TUNABLES'] = f'{tunables}:{HUGE_PAGE_TUNABLE}' if tunables else HUGE_PAGE_TUNABLE
   os.execv(sys.executable, sys.orig_argv)
@@ -92,8 +104,9 @@ def main(argv: list[str]) -> None:
   from densenet_jax import input_pipeline, train_lib
   from densenet_jax.torchvision_port import StateDictError
 
+  distributed = False
   try:
-    train_lib.initialize_distributed(config)
+    distributed = train_lib.initialize_distributed(config)
     if config.compilation_cache_dir:
       jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
     import tensorflow as tf
@@ -109,7 +122,7 @@ def main(argv: list[str]) -> None:
       else:
         train_lib.train_and_evaluate(config, _WORKDIR.value)
     finally:
-      if config.distributed:
+      if distributed:
         jax.distributed.shutdown()  # Together, now: left to exit, it waits out a timeout.
   except train_lib.Preempted as preempted:
     print(

@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimization: SGD with Nesterov momentum; lr = learning_rate * batch_size / lr_reference_batch.
   config.batch_size = 256  # global, over all devices of all hosts
   config.eval_batch_size = 256
+  # > 0: batch_size and eval_batch_size are this times the device count (e.g. configs/tpu.py).
+  config.per_device_batch_size = 0
   config.num_epochs = 90
   config.total_steps = 0  # > 0 overrides num_epochs.
   config.learning_rate = 0.1
@@ -79,12 +81,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000  # and at the last step
   config.keep_checkpoints = 3
   config.progress_bar = True
-  # Multi-process: '' (one process), 'auto' (jax.distributed.initialize() detects Cloud TPU,
-  # SLURM, ...), or the coordinator's 'host:port' with num_processes and process_id (or the
-  # environment variables JAX_NUM_PROCESSES and JAX_PROCESS_ID).
-  config.distributed = ''
+  # Multi-process: 'auto' initializes jax.distributed where JAX detects a cluster (Cloud TPU pod
+  # slice, SLURM, ...) or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are set,
+  # and runs as one process otherwise; '' never; 'host:port' names the coordinator (with
+  # num_processes and process_id, or those environment variables).
+  config.distributed = 'auto'
   config.num_processes = 0
   config.process_id = -1
+  # Global batches copied to the devices ahead of the step that runs (overlaps the copy).
+  config.prefetch_to_device = 2
   # Persistent XLA compilation cache ('' to disable): a restart does not recompile.
   config.compilation_cache_dir = '~/.cache/densenet_jax/xla'
+  # Also keep the traced train step there (jax.export): a CPU restart saves ~1 s of tracing
+  # (docs/performance.md). Opt-in: unmeasured on accelerators, one process only.
+  config.keep_traced_step = False
   return config

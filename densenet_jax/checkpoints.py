@@ -1,14 +1,15 @@
 """Checkpoints of the train state (Orbax), unreadable ones set aside, and preemption (SIGTERM)."""
 
-import pathlib
-import shutil
 import signal
 import time
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
+from densenet_jax.registry import ConfigError
 from densenet_jax.reporting import log
 from densenet_jax.sharding import to_host
 from densenet_jax.steps import TrainState
@@ -30,10 +31,12 @@ class Checkpoints:
   Each step's directory holds `state` (the whole TrainState) and `model_config` (JSON), so
   `densenet_jax.convert.load_checkpoint` (and `python -m densenet_jax.convert to-torch`) read
   it too. A checkpoint that fails to restore is moved to WORKDIR/corrupt_checkpoints (kept,
-  not deleted) and the one before it is used; a half-written one is never listed.
+  not deleted) and the one before it is used; a half-written one is never listed. A readable
+  checkpoint whose variables do not fit the train state (another model or optimizer) is an
+  error: it is never set aside, so a mistyped flag cannot restart a run from step 0.
   """
 
-  def __init__(self, workdir: pathlib.Path, keep: int, model_config: dict):
+  def __init__(self, workdir: epath.Path, keep: int, model_config: dict):
     self.directory = workdir / 'checkpoints'
     self.quarantine = workdir / 'corrupt_checkpoints'
     self.model_config = model_config
@@ -65,27 +68,54 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def restore_latest(self, abstract_state: TrainState) -> TrainState | None:
-    """The newest readable checkpoint, or None if there is none."""
+    """The newest readable checkpoint, or None if there is none.
+
+    Raises:
+      ConfigError: the newest readable checkpoint does not fit `abstract_state`.
+    """
     for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / 'state')
+      except Exception as error:  # noqa: BLE001  (any unreadable file: fall back, keep it)
+        self._set_aside(step, error)
+        continue
+      self._check_fits(step, saved, abstract_state)
       try:
         restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
         return restored.state
-      except Exception as error:  # noqa: BLE001  (any unreadable file: fall back, keep it)
-        destination = self.quarantine / f'{step}.{int(time.time())}'
-        reason = str(error).splitlines()[0][:200] if str(error) else ''
-        log(
-          f'warning: the checkpoint at step {step} ({self.directory / str(step)}) is unreadable '
-          f'({type(error).__name__}: {reason}); moving it to {destination} and resuming from the one before.'
-        )
-        multihost_utils.sync_global_devices(f'corrupt checkpoint {step}')
-        if jax.process_index() == 0:
-          destination.parent.mkdir(parents=True, exist_ok=True)
-          shutil.move(str(self.directory / str(step)), destination)
-        multihost_utils.sync_global_devices(f'moved corrupt checkpoint {step}')
-        self.manager.reload()
+      except Exception as error:  # noqa: BLE001
+        self._set_aside(step, error)
     return None
+
+  def _check_fits(self, step: int, saved: Any, abstract_state: TrainState) -> None:
+    """Raises a one-line ConfigError naming the first difference between the checkpoint and the state."""
+    problems = tree_differences(shapes_by_path(saved), shapes_by_path(abstract_state))
+    if not problems:
+      return
+    more = f' (and {len(problems) - 1} more differences)' if len(problems) > 1 else ''
+    raise ConfigError(
+      f'the checkpoint at step {step} in {self.directory} does not fit this config: {problems[0]}{more}. '
+      f'Nothing was changed. Run with the config it was trained with ({self.directory.parent}/config.json) '
+      'to resume it, or use a new --workdir (with --config.init_from='
+      f'{self.directory / str(step)} to start from its weights).'
+    )
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Moves an unreadable checkpoint to WORKDIR/corrupt_checkpoints (every process agrees first)."""
+    destination = self.quarantine / f'{step}.{int(time.time())}'
+    reason = str(error).splitlines()[0][:200] if str(error) else ''
+    log(
+      f'warning: the checkpoint at step {step} ({self.directory / str(step)}) is unreadable '
+      f'({type(error).__name__}: {reason}); moving it to {destination} and resuming from the one before.'
+    )
+    multihost_utils.sync_global_devices(f'corrupt checkpoint {step}')
+    if jax.process_index() == 0:
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(destination)
+    multihost_utils.sync_global_devices(f'moved corrupt checkpoint {step}')
+    self.manager.reload()
 
   def close(self) -> None:
     """Waits for saves in flight and closes (again: a no-op)."""
@@ -93,6 +123,65 @@ class Checkpoints:
       self.manager.wait_until_finished()
       self.manager.close()
       self.manager = None
+
+
+def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Each array leaf's shape, keyed 'params/denseblock1/denselayer1/conv1/kernel'-style.
+
+  Attribute, dict and sequence keys all become plain names, so a TrainState and the nested
+  dicts and lists of Orbax's metadata give the same keys.
+  """
+
+  def name(entry) -> str:
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(entry, attribute):
+        return str(getattr(entry, attribute))
+    return str(entry)
+
+  return {
+    '/'.join(name(entry) for entry in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def tree_differences(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+  """What differs between a checkpoint's arrays and the train state's, each as a short phrase.
+
+  A missing or extra subtree is named once, at its shortest distinguishing prefix (e.g.
+  `params/denseblock1/denselayer7`, not each of its kernels).
+  """
+
+  def prefixes(keys) -> set[str]:
+    return {key.rsplit('/', n)[0] for key in keys for n in range(key.count('/') + 1)}
+
+  def first_unshared_prefix(key: str, other_prefixes: set[str]) -> str:
+    parts = key.split('/')
+    return next(
+      '/'.join(parts[:i]) for i in range(1, len(parts) + 1) if '/'.join(parts[:i]) not in other_prefixes
+    )
+
+  def where(key: str) -> str:
+    return 'the model' if key.split('/')[0] in ('params', 'batch_stats') else 'the optimizer state'
+
+  def order(key: str, kind: int) -> tuple:
+    """The model's variables first (what a user set), missing layers before shapes that follow from them."""
+    section = ['params', 'batch_stats'].index(key.split('/')[0]) if where(key) == 'the model' else 2
+    return (section, kind, key)
+
+  problems = []
+  saved_prefixes, expected_prefixes = prefixes(saved), prefixes(expected)
+  for key in saved.keys() - expected.keys():
+    prefix = first_unshared_prefix(key, expected_prefixes)
+    problems.append((order(key, 0), f'{prefix} is in the checkpoint but not in {where(key)}'))
+  for key in expected.keys() - saved.keys():
+    prefix = first_unshared_prefix(key, saved_prefixes)
+    problems.append((order(key, 0), f'{prefix} is in {where(key)} but not in the checkpoint'))
+  for key in saved.keys() & expected.keys():
+    if saved[key] != expected[key]:
+      problems.append(
+        (order(key, 1), f'{key} has shape {saved[key]} in the checkpoint and {expected[key]} in {where(key)}')
+      )
+  return list(dict.fromkeys(phrase for _, phrase in sorted(problems)))  # Each subtree once.
 
 
 class PreemptionWatcher:

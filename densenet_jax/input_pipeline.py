@@ -17,7 +17,6 @@ not of how many devices or processes run it:
 
 import dataclasses
 import math
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 import densenet_jax.datasets  # noqa: F401  (registers sklearn_digits)
 
@@ -76,8 +76,12 @@ def num_data_shards(config: ml_collections.ConfigDict, process_count: int) -> in
   return shards
 
 
-def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of `config.dataset`, prepared (built here if it can be built offline)."""
+def get_builder(config: ml_collections.ConfigDict, prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.dataset`, prepared (built here if it can be, and `prepare`).
+
+  Several processes (a pod's hosts) must not prepare one data_dir at once: they pass
+  `prepare=False` and get an error that says how to prepare it once.
+  """
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as error:
@@ -88,8 +92,14 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     ) from error
   if builder.is_prepared():
     return builder
-  data_dir = pathlib.Path(builder.data_dir_root)
-  manual_dir = pathlib.Path(config.manual_dir or data_dir / 'downloads' / 'manual')
+  if not prepare:
+    raise DataError(
+      f'{config.dataset} is not prepared in {builder.data_dir_root}, and the processes of a multi-process '
+      f'run would each prepare it: prepare it once first, on one host, with `tfds build {config.dataset} '
+      f'--data_dir={builder.data_dir_root}` (add --manual_dir=DIR for imagenet2012).'
+    )
+  data_dir = epath.Path(builder.data_dir_root)
+  manual_dir = epath.Path(config.manual_dir or data_dir / 'downloads' / 'manual')
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   except Exception as error:  # noqa: BLE001  (network, manual files, disk: all end here)
@@ -262,6 +272,15 @@ def _normalize(config: ml_collections.ConfigDict, image: tf.Tensor) -> tf.Tensor
   return (image - tf.constant(config.mean, tf.float32)) / tf.constant(config.std, tf.float32)
 
 
+def _host_image_dtype(config: ml_collections.ConfigDict) -> tf.dtypes.DType:
+  """The dtype batches leave the host in: the model's compute dtype under half_precision.
+
+  bfloat16 halves the bytes sent to the device; the model casts its input to bfloat16 first
+  anyway, so the result is the same.
+  """
+  return tf.bfloat16 if config.half_precision else tf.float32
+
+
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True  # The same order every run, whatever the thread timing.
@@ -287,7 +306,8 @@ def train_iterator(
   """This process's part of every global training batch from `start_step` to `end_step` (or forever).
 
   Yields:
-    {'image': float32 (local_batch, size, size, channels), 'label': int32 (local_batch,)},
+    {'image': float32, or bfloat16 under half_precision (local_batch, size, size, channels),
+     'label': int32 (local_batch,)},
     where local_batch = batch_size / process_count.
   """
   shards = num_data_shards(config, process_count)
@@ -326,7 +346,7 @@ def train_iterator(
   local = [shard_dataset(shard) for shard in _local_shards(shards, process_index, process_count)]
   dataset = tf.data.Dataset.zip(tuple(local)).map(
     lambda *parts: {
-      'image': tf.concat([image for image, _ in parts], 0),
+      'image': tf.cast(tf.concat([image for image, _ in parts], 0), _host_image_dtype(config)),
       'label': tf.concat([label for _, label in parts], 0),
     }
   )
@@ -375,7 +395,9 @@ def eval_iterator(
   local = [shard_dataset(shard) for shard in _local_shards(shards, process_index, process_count)]
   dataset = tf.data.Dataset.zip(tuple(local)).map(
     lambda *parts: {
-      key: tf.concat([part[i] for part in parts], 0) for i, key in enumerate(('image', 'label', 'mask'))
+      'image': tf.cast(tf.concat([part[0] for part in parts], 0), _host_image_dtype(config)),
+      'label': tf.concat([part[1] for part in parts], 0),
+      'mask': tf.concat([part[2] for part in parts], 0),
     }
   )
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options()).as_numpy_iterator()

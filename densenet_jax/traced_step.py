@@ -25,17 +25,17 @@ def jit_train_step(
 ) -> Callable[[TrainState, dict[str, jax.Array]], TrainState]:
   """`train_step` jitted over the mesh, the state donated: what `train_and_evaluate` runs.
 
-  With `config.compilation_cache_dir` set, in a single process, the traced step is kept there
-  too (`jax.export`), so that a restart loads it instead of tracing the model again, and gets the
-  compiled code from XLA's cache: a DenseNet-121 step is ready in about 2 s instead of 3
-  (docs/performance.md).
+  With `config.keep_traced_step` and `config.compilation_cache_dir` set, in a single process,
+  the traced step is kept there too (`jax.export`), so that a restart loads it instead of tracing
+  the model again, and gets the compiled code from XLA's cache: on CPU a DenseNet-121 step is
+  ready in about 2 s instead of 3 (docs/performance.md). Opt-in: on TPU and GPU it is unmeasured.
   `key_parts` are what else the step depends on (e.g. the data's size, which sets the learning
   rate schedule); see `TracedStep`.
   """
   step = partial(
     train_step, dropout_key=jax.random.key(config.seed + 1), label_smoothing=config.label_smoothing
   )
-  if not config.compilation_cache_dir or jax.process_count() > 1:
+  if not (config.keep_traced_step and config.compilation_cache_dir) or jax.process_count() > 1:
     return jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=replicated, donate_argnums=0)
   directory = pathlib.Path(os.path.expanduser(config.compilation_cache_dir)) / 'traced_steps'
   return TracedStep(step, replicated, data_sharding, directory, (config.to_json_best_effort(), *key_parts))

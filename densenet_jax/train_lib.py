@@ -15,11 +15,11 @@ steps, `TrainState`), `traced_step` (the jitted step and its kept trace), `check
 preemption), `reporting` (logs, TensorBoard, metrics.jsonl, curves) and `sharding` (host <-> mesh).
 """
 
+import collections
 import dataclasses
 import json
 import os
-import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from densenet_jax import convert, input_pipeline, models
 from densenet_jax.checkpoints import SIGTERM_EXIT_CODE, Checkpoints, Preempted, PreemptionWatcher
+from densenet_jax.paths import as_path
 from densenet_jax.registry import (
   ConfigError,
   create_model,
@@ -54,7 +56,7 @@ class Setup:
   """Everything `train_and_evaluate` and `evaluate` build from a config."""
 
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: epath.Path
   mesh: Mesh
   data_sharding: NamedSharding
   replicated: NamedSharding
@@ -67,15 +69,21 @@ class Setup:
   create_state: Callable[[], TrainState]
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Setup:
-  """Validates the config and builds the mesh, data spec, model and (abstract) train state."""
+def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setup:
+  """Validates the config and builds the mesh, data spec, model and (abstract) train state.
+
+  `workdir` may be local or in an object store (gs://...): every file goes through `etils.epath`.
+  """
+  if config.per_device_batch_size:
+    config = config.copy_and_resolve_references()
+    config.batch_size = config.eval_batch_size = config.per_device_batch_size * jax.device_count()
   validate_config(config)
-  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir = as_path(workdir)
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
   data_sharding = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
   shards = input_pipeline.num_data_shards(config, jax.process_count())
-  builder = input_pipeline.get_builder(config)
+  builder = input_pipeline.get_builder(config, prepare=jax.process_count() == 1)
   spec = input_pipeline.data_spec(config, builder, shards)
   model = create_model(config, spec.num_classes)
   if config.image_size < model.min_input_size():
@@ -121,7 +129,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Set
 
 def load_init_from(s: Setup, state: TrainState) -> TrainState:
   """`state` with the params and batch_stats of `config.init_from` (a converted checkpoint)."""
-  path = pathlib.Path(s.config.init_from).expanduser()
+  path = as_path(s.config.init_from)
   if not path.exists():
     raise ConfigError(f'config.init_from={s.config.init_from!r} does not exist.')
   _, variables = convert.load_checkpoint(path)
@@ -159,16 +167,24 @@ def load_init_from(s: Setup, state: TrainState) -> TrainState:
   return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 
 
+@jax.jit
+def _add_sums(totals: dict[str, jax.Array], sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return jax.tree.map(jnp.add, totals, sums)
+
+
 def evaluate_state(s: Setup, eval_fn: Callable, state: TrainState) -> dict[str, float]:
-  """Loss, top-1 and top-5 on the whole eval split (each example once)."""
-  totals = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
+  """Loss, top-1 and top-5 on the whole eval split (each example once).
+
+  The sums stay on the devices until the last batch: one host round-trip per evaluation.
+  """
   batches = input_pipeline.eval_iterator(
     s.config, s.builder, s.spec, jax.process_index(), jax.process_count()
   )
-  for _ in range(s.spec.eval_steps):
-    sums = to_host(eval_fn(state, global_batch(next(batches), s.data_sharding)))
-    for key in totals:
-      totals[key] += float(sums[key])
+  totals = None
+  for batch in prefetch_to_device(batches, s.data_sharding, s.config.prefetch_to_device, s.spec.eval_steps):
+    sums = eval_fn(state, batch)
+    totals = sums if totals is None else _add_sums(totals, sums)
+  totals = {key: float(value) for key, value in to_host(totals).items()}
   count = max(totals['count'], 1.0)
   return {
     'test_loss': totals['loss'] / count,
@@ -178,24 +194,42 @@ def evaluate_state(s: Setup, eval_fn: Callable, state: TrainState) -> dict[str, 
   }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def prefetch_to_device(
+  host_batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int, count: int
+) -> Iterator[dict[str, jax.Array]]:
+  """`count` global batches on the devices, `size` of them in flight ahead of the one in use.
+
+  `jax.make_array_from_process_local_data` copies asynchronously, so the copies of the next
+  batches overlap the step that runs (`flax.jax_utils.prefetch_to_device` does this for pmap).
+  """
+  queue = collections.deque()
+  fetched = 0
+  for _ in range(count):
+    while fetched < count and len(queue) <= size:
+      queue.append(global_batch(next(host_batches), sharding))
+      fetched += 1
+    yield queue.popleft()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics.
 
   Writes WORKDIR/checkpoints, metrics.jsonl, tensorboard/, curves.png and final_metrics.json.
 
   Raises:
-    ConfigError, input_pipeline.DataError: the config or data cannot run (nothing is written).
+    ConfigError, input_pipeline.DataError: the config or data cannot run, or the workdir's
+      checkpoint does not fit the config (nothing is written).
     TrainingError: a non-finite loss; the checkpoints saved before it are kept.
     Preempted: SIGTERM arrived; the state was saved first.
   """
   s = setup(config, workdir)
-  checkpoints_dir = s.workdir / 'checkpoints'
-  initial_state = None
-  if config.init_from and not (
-    checkpoints_dir.exists() and any(p.name.isdigit() for p in checkpoints_dir.iterdir())
-  ):
-    # Before anything is written: a checkpoint that does not fit fails the run cleanly.
-    initial_state = load_init_from(s, s.create_state())
+  config = s.config  # With the batch sizes resolved.
+  # Before anything is written: a checkpoint or init_from that does not fit fails the run cleanly.
+  checkpoints, state = restore(s)
+  if state is not None:
+    log(f'Resuming from the checkpoint at step {int(to_host(state.step))} in {checkpoints.directory}.')
+  else:
+    state = load_init_from(s, s.create_state()) if config.init_from else s.create_state()
   s.workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (s.workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
@@ -206,14 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     f'per epoch, {s.total_steps} steps; workdir {s.workdir}.'
   )
   print_summary(s)
-  checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, convert.model_config(s.model))
-  state = checkpoints.restore_latest(s.abstract_state)
-  if state is not None:
-    log(f'Resuming from the checkpoint at step {int(to_host(state.step))} in {checkpoints.directory}.')
-  elif initial_state is not None:
-    state = initial_state
-  else:
-    state = load_init_from(s, s.create_state()) if config.init_from else s.create_state()
+  if checkpoints is None:
+    checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, convert.model_config(s.model))
   start_step = int(to_host(state.step))
 
   # The learning rate schedule depends on the data's size, which is not in the config.
@@ -260,13 +288,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     checkpoints.save(state)
     return state
 
-  batches = input_pipeline.train_iterator(
-    config, s.builder, s.spec, start_step, jax.process_index(), jax.process_count(), end_step=s.total_steps
+  batches = prefetch_to_device(
+    input_pipeline.train_iterator(
+      config, s.builder, s.spec, start_step, jax.process_index(), jax.process_count(), end_step=s.total_steps
+    ),
+    s.data_sharding,
+    config.prefetch_to_device,
+    s.total_steps - start_step,
   )
   eval_metrics = None
   try:
     for step in range(start_step + 1, s.total_steps + 1):
-      state = step_fn(state, global_batch(next(batches), s.data_sharding))
+      state = step_fn(state, next(batches))
       reporter.progress(step)
       if watcher.reached(step):
         save(state)
@@ -315,19 +348,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return final
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def restore(s: Setup) -> tuple[Checkpoints | None, TrainState | None]:
+  """The workdir's checkpoints (None if it has none yet) and the newest readable one's state.
+
+  Raises:
+    ConfigError: the newest readable checkpoint does not fit the config; nothing was changed.
+  """
+  if not (s.workdir / 'checkpoints').exists():
+    return None, None
+  checkpoints = Checkpoints(s.workdir, s.config.keep_checkpoints, convert.model_config(s.model))
+  try:
+    return checkpoints, checkpoints.restore_latest(s.abstract_state)
+  except ConfigError:
+    checkpoints.close()
+    raise
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Evaluates WORKDIR's latest checkpoint (or config.init_from) on config.eval_split."""
   s = setup(config, workdir)
-  checkpoints_dir = s.workdir / 'checkpoints'
-  state = None
-  if checkpoints_dir.exists():
-    checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, convert.model_config(s.model))
-    state = checkpoints.restore_latest(s.abstract_state)
+  config = s.config
+  checkpoints, state = restore(s)
+  if checkpoints is not None:
     checkpoints.close()
   if state is None:
     if not config.init_from:
       raise ConfigError(
-        f'nothing to evaluate: {checkpoints_dir} has no checkpoint; train first or set config.init_from.'
+        f'nothing to evaluate: {s.workdir / "checkpoints"} has no checkpoint; train first or set '
+        'config.init_from.'
       )
     state = load_init_from(s, s.create_state())
   eval_fn = jax.jit(eval_step, in_shardings=(s.replicated, s.data_sharding), out_shardings=s.replicated)
@@ -339,22 +387,42 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   return metrics
 
 
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """`jax.distributed.initialize` as `config.distributed` says; call before any other JAX call."""
+DISTRIBUTED_ENVIRONMENT = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
 
-  if not config.distributed:
-    return
-  if config.distributed == 'auto':
-    jax.distributed.initialize()
-    return
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+  """`jax.distributed.initialize` as `config.distributed` says; call before any other JAX call.
+
+  'auto' (the default) initializes wherever there is more than this process to reach: when any
+  of DISTRIBUTED_ENVIRONMENT is set, or when JAX detects a cluster (Cloud TPU VM or pod slice,
+  SLURM, Open MPI, Kubernetes); a lone process runs as one. '' (or 'none') never initializes;
+  'host:port' is the coordinator's address. Returns whether it initialized.
+  """
+  setting = config.distributed
+  if setting in ('', 'none'):
+    return False
+  coordinator = None if setting == 'auto' else setting
   num_processes = config.num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 0))
   process_id = config.process_id if config.process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', -1))
-  if num_processes <= 0 or process_id < 0:
+  told = coordinator or num_processes > 0 or process_id >= 0 or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not told:
+    try:
+      jax.distributed.initialize()  # JAX's cluster detection.
+    except ValueError as error:
+      if 'coordinator_address' not in str(error):
+        raise
+      return False  # No cluster detected: one process.
+    return True
+  coordinator = coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not coordinator or num_processes <= 0 or process_id < 0:
     raise ConfigError(
-      f"config.distributed={config.distributed!r} needs the process count and this process's id: set "
-      '--config.num_processes and --config.process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID).'
+      "a multi-process run needs the coordinator's address, the process count and this process's id: "
+      'set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or --config.distributed=HOST:PORT, '
+      '--config.num_processes and --config.process_id), or none of them on a single process or a detected '
+      f'cluster (got address {coordinator!r}, {num_processes} processes, process id {process_id}).'
     )
-  jax.distributed.initialize(config.distributed, num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+  return True
 
 
 __all__ = [
@@ -371,6 +439,8 @@ __all__ = [
   'jit_train_step',
   'learning_rate_schedule',
   'load_init_from',
+  'prefetch_to_device',
+  'restore',
   'param_checksum',
   'setup',
   'train_and_evaluate',

@@ -108,7 +108,7 @@ def _train_env(devices: int, env: dict | None) -> dict:
 def run_train(*args: str, devices: int = 1, env: dict | None = None, timeout: float = 900):
   """`python train.py ARGS` in a fresh process with `devices` CPU devices; the CompletedProcess.
 
-  Pass --config.compilation_cache_dir= to use the session's XLA cache (XLA_CACHE).
+  Pass --config.compilation_cache_dir={XLA_CACHE}: the default path, with the session's XLA cache.
   """
   return subprocess.run(
     [sys.executable, str(REPO / 'train.py'), *args],

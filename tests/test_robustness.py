@@ -1,17 +1,21 @@
-"""Training survives SIGKILL, SIGTERM, NaNs and corrupt checkpoints, runs as several processes,
-and is deterministic: each run is the digits config shortened to 50 steps (2.3 epochs)."""
+"""Training survives SIGKILL, SIGTERM, NaNs and corrupt checkpoints, in a local or a gs:// workdir,
+as one process or several, and is deterministic: each run is the digits config shortened to 50
+steps (2.3 epochs), with the defaults a user gets (the XLA cache in the session's directory)."""
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import read_metrics, run_train, start_train
+from conftest import REPO, XLA_CACHE, optional_module, read_metrics, run_train, start_train
 
 from densenet_jax import convert
 
@@ -27,7 +31,7 @@ def digits_args(workdir, data_dir, *extra):
     '--config.checkpoint_every_steps=15',
     '--config.log_every_steps=5',
     '--config.progress_bar=False',
-    '--config.compilation_cache_dir=',
+    f'--config.compilation_cache_dir={XLA_CACHE}',
     *extra,
   ]
 
@@ -169,37 +173,206 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_one_before_used(
   assert final_metrics(workdir) == uninterrupted
 
 
+def files_and_contents(directory) -> dict[str, bytes]:
+  return {
+    str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob('*') if path.is_file()
+  }
+
+
+@pytest.mark.parametrize(
+  'override, difference',
+  [
+    (
+      '--config.model_kwargs.depth=34',  # 5 layers per block instead of 6
+      'params/denseblock1/denselayer6 is in the checkpoint but not in the model',
+    ),
+    ('--config.momentum=0.0', 'opt_state/1/0 is in the checkpoint but not in the optimizer state'),
+  ],
+)
+def test_a_checkpoint_that_does_not_fit_the_config_stops_the_run_and_changes_nothing(
+  tmp_path, digits_data_dir, trained_to_45, override, difference
+):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_to_45, workdir)
+  before = files_and_contents(workdir)
+  result = run_train(*digits_args(workdir, digits_data_dir, override))
+  assert result.returncode == 1
+  (line,) = result.stderr.strip().splitlines()[-1:]
+  assert line.startswith(
+    f'error: the checkpoint at step 45 in {workdir}/checkpoints does not fit this config: '
+  )
+  assert difference in line
+  assert '--workdir' in line and f'--config.init_from={workdir}/checkpoints/45' in line
+  assert files_and_contents(workdir) == before  # nothing moved aside, rewritten or added
+
+
+@dataclasses.dataclass
+class Bucket:
+  name: str
+  env: dict[str, str]  # What points each client of a train.py process at the emulator.
+  fs: object  # gcsfs, for the test's own reads.
+
+  def read(self, path: str) -> bytes:
+    return self.fs.cat(f'{self.name}/{path}')
+
+  def exists(self, path: str) -> bool:
+    self.fs.invalidate_cache()
+    return self.fs.exists(f'{self.name}/{path}')
+
+
+@pytest.fixture
+def gcs_bucket(tmp_path):
+  """A bucket in a local GCS server (tests/gcs_emulator.py), and the environment that reaches it.
+
+  Orbax's arrays go through tensorstore (TENSORSTORE_GCS_HTTP_URL); every other file through
+  etils.epath, here on its fsspec backend, gcsfs (STORAGE_EMULATOR_HOST): the backend it takes
+  where TensorFlow is installed, tf.io.gfile, has GCS's endpoint built in (EPATH_USE_TF=false).
+  """
+  # gcsfs's newer file system first asks GCS's control API (gRPC, which the emulator lacks) for
+  # the bucket's layout, and waits 60 s for each answer: the plain one is what the emulator serves.
+  no_layout_lookup = {'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  os.environ.update(no_layout_lookup)  # before gcsfs is imported
+  gcsfs = optional_module('gcsfs')
+  optional_module('gcp_storage_emulator')
+  port, name = free_port(), 'densenet-jax-test'
+  url = f'http://localhost:{port}'
+  with open(tmp_path / 'emulator.log', 'w') as log:
+    server = subprocess.Popen(
+      [sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port), name], stdout=log, stderr=log
+    )
+  try:
+    deadline = time.monotonic() + 60
+    while True:
+      try:
+        socket.create_connection(('localhost', port), timeout=1).close()
+        break
+      except OSError:
+        assert time.monotonic() < deadline and server.poll() is None, (tmp_path / 'emulator.log').read_text()
+        time.sleep(0.1)
+    env = {'EPATH_USE_TF': 'false', 'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url}
+    env.update(no_layout_lookup)
+    yield Bucket(name, env, gcsfs.GCSFileSystem(endpoint_url=url, token='anon'))
+  finally:
+    server.kill()
+    server.wait()
+
+
+def test_a_gs_workdir_killed_and_rerun_ends_as_the_uninterrupted_run_with_nothing_local(
+  tmp_path, digits_data_dir, uninterrupted, gcs_bucket
+):
+  args = digits_args(f'gs://{gcs_bucket.name}/run', digits_data_dir)
+  process = start_train(args, tmp_path / 'killed.log', env=gcs_bucket.env)
+  deadline = time.monotonic() + 300
+  while not (
+    gcs_bucket.exists('run/checkpoints/30/commit_success.txt')
+    and max(json.loads(line)['step'] for line in gcs_bucket.read('run/metrics.jsonl').splitlines()) >= 35
+  ):
+    assert process.poll() is None, (tmp_path / 'killed.log').read_text()[-3000:]
+    assert time.monotonic() < deadline, 'checkpoint 30 not committed in 300 s'
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  result = run_train(*args, env=gcs_bucket.env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  resumed_from = int(result.stdout.split('Resuming from the checkpoint at step ')[1].split()[0])
+  assert resumed_from in (30, 45)
+  assert json.loads(gcs_bucket.read('run/final_metrics.json')) == uninterrupted  # bit for bit
+  for name in ('config.json', 'metrics.jsonl', 'curves.png', f'checkpoints/{STEPS}/commit_success.txt'):
+    assert gcs_bucket.exists(f'run/{name}'), name
+  assert gcs_bucket.fs.glob(f'{gcs_bucket.name}/run/tensorboard/events.out.tfevents.*')
+  # The converter reads and writes the bucket too: the last checkpoint to a torchvision .pth there.
+  converted = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'densenet_jax.convert',
+      'to-torch',
+      f'gs://{gcs_bucket.name}/run/checkpoints/{STEPS}',
+    ]
+    + [f'gs://{gcs_bucket.name}/run/digits.pth'],
+    cwd=REPO,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', **gcs_bucket.env},
+    capture_output=True,
+    text=True,
+  )
+  assert converted.returncode == 0, converted.stderr[-3000:]
+  torch = optional_module('torch')
+  with gcs_bucket.fs.open(f'{gcs_bucket.name}/run/digits.pth', 'rb') as f:
+    state_dict = torch.load(f, weights_only=True)
+  assert state_dict['classifier.weight'].shape == (10, 132)
+  # Nothing went to a local folder named after the URI (what pathlib makes of gs://...).
+  assert not (REPO / 'gs:').exists() and not (tmp_path / 'gs:').exists()
+
+
 def free_port() -> int:
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     return sock.getsockname()[1]
 
 
-def test_two_processes_train_like_one_process_with_two_devices(tmp_path, digits_data_dir):
-  """jax.distributed over localhost, one CPU device per process, vs one process with two."""
-  shared = ['--config.num_data_shards=2', '--config.total_steps=30']
+TWO_PROCESSES = ['--config.num_data_shards=2']  # The same data order for 1 and 2 processes.
+
+
+def start_two_processes(workdir, data_dir, log_dir) -> list[subprocess.Popen]:
+  """A 2-process run over localhost, told only by JAX's environment variables (config defaults)."""
   address = f'localhost:{free_port()}'
-  runs = {
-    f'process{index}': start_train(
-      digits_args(
-        tmp_path / 'two',
-        digits_data_dir,
-        *shared,
-        f'--config.distributed={address}',
-        '--config.num_processes=2',
-        f'--config.process_id={index}',
-      ),
-      tmp_path / f'process{index}.log',
+  return [
+    start_train(
+      digits_args(workdir, data_dir, *TWO_PROCESSES),
+      log_dir / f'process{index}.log',
+      env={'JAX_COORDINATOR_ADDRESS': address, 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(index)},
     )
     for index in range(2)
-  }
-  runs['one'] = start_train(
-    digits_args(tmp_path / 'one', digits_data_dir, *shared), tmp_path / 'one.log', devices=2
-  )
-  for name, process in runs.items():
-    assert process.wait(timeout=600) == 0, (tmp_path / f'{name}.log').read_text()[-3000:]
-  assert 'over 2 devices (2 processes)' in (tmp_path / 'process0.log').read_text()
-  two, one = final_metrics(tmp_path / 'two'), final_metrics(tmp_path / 'one')
+  ]
+
+
+def wait_all(processes, timeout: float = 600) -> list[int]:
+  return [process.wait(timeout=timeout) for process in processes]
+
+
+@pytest.fixture(scope='module')
+def two_processes_uninterrupted(tmp_path_factory, digits_data_dir) -> tuple[dict, str]:
+  """(final_metrics.json, process 0's log) of a 2-process run that nothing interrupts."""
+  directory = tmp_path_factory.mktemp('two_processes')
+  processes = start_two_processes(directory / 'run', digits_data_dir, directory)
+  codes = wait_all(processes)
+  assert codes == [0, 0], (directory / 'process0.log').read_text()[-3000:]
+  return final_metrics(directory / 'run'), (directory / 'process0.log').read_text()
+
+
+def test_two_processes_told_by_the_environment_train_like_one_process_with_two_devices(
+  tmp_path, digits_data_dir, two_processes_uninterrupted
+):
+  """jax.distributed over localhost (no distributed flag), one CPU device each, vs one process with two."""
+  two, log = two_processes_uninterrupted
+  assert 'over 2 devices (2 processes)' in log
+  result = run_train(*digits_args(tmp_path, digits_data_dir, *TWO_PROCESSES), devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'over 2 devices (1 processes)' in result.stdout
+  one = final_metrics(tmp_path)
   assert two['param_checksum'] == pytest.approx(one['param_checksum'], rel=1e-6)
   assert two['train_loss'] == pytest.approx(one['train_loss'], rel=1e-6)
   assert two['test_examples'] == one['test_examples'] == 359
+
+
+def test_sigterm_to_every_process_saves_the_same_step_and_the_rerun_ends_as_uninterrupted(
+  tmp_path, digits_data_dir, two_processes_uninterrupted
+):
+  workdir = tmp_path / 'run'
+  processes = start_two_processes(workdir, digits_data_dir, tmp_path)
+  wait_for_step(processes[0], workdir, 15)
+  signalled = time.monotonic()
+  for process in processes:
+    process.send_signal(signal.SIGTERM)
+  codes = wait_all(processes, timeout=120)
+  seconds = time.monotonic() - signalled
+  logs = [(tmp_path / f'process{index}.log').read_text() for index in range(2)]
+  assert codes == [128 + signal.SIGTERM] * 2, logs[0][-3000:] + logs[1][-3000:]
+  saved = [int(log.split('SIGTERM: saved a checkpoint at step ')[1].split()[0]) for log in logs]
+  print(f'SIGTERM to 2 processes -> both exited in {seconds:.1f} s, saved steps {saved}')
+  assert saved[0] == saved[1] and 15 <= saved[0] < STEPS and seconds < 30
+  assert (workdir / 'checkpoints' / str(saved[0])).is_dir()
+  processes = start_two_processes(workdir, digits_data_dir, tmp_path)
+  assert wait_all(processes) == [0, 0], (tmp_path / 'process0.log').read_text()[-3000:]
+  assert f'Resuming from the checkpoint at step {saved[0]} ' in (tmp_path / 'process0.log').read_text()
+  assert final_metrics(workdir) == two_processes_uninterrupted[0]

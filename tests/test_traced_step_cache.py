@@ -30,6 +30,7 @@ def test_a_restart_loads_the_traced_step_and_trains_exactly_the_same(tmp_path, m
     config.progress_bar = False
     config.model_kwargs.depth = 10
     config.compilation_cache_dir = str(tmp_path / 'cache')
+    config.keep_traced_step = True
     config.update(overrides)
     traces.clear()
     with tfds.testing.mock_data(num_examples=20):
@@ -39,7 +40,7 @@ def test_a_restart_loads_the_traced_step_and_trains_exactly_the_same(tmp_path, m
   def kept() -> list:
     return sorted((tmp_path / 'cache' / 'traced_steps').iterdir())
 
-  plain, _ = train('plain', compilation_cache_dir='')  # jax.jit alone, nothing kept
+  plain, _ = train('plain', keep_traced_step=False)  # jax.jit alone (the default), nothing kept
   first, first_traces = train('first')
   (kept_step,) = kept()
   restarted, restarted_traces = train('restarted')

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from conftest import DATA, optional_module, read_metrics, run_train, section, start_train
+from conftest import DATA, XLA_CACHE, optional_module, read_metrics, run_train, section, start_train
 
 from configs import cifar10, densenet121
 from densenet_jax import convert, from_torchvision, train_lib
@@ -132,7 +132,7 @@ def test_eight_devices_train_exactly_like_one(tmp_path, digits_data_dir):
         '--config.dtype=float64',
         '--config.param_dtype=float64',
         '--config.progress_bar=False',
-        '--config.compilation_cache_dir=',
+        f'--config.compilation_cache_dir={XLA_CACHE}',
       ],
       tmp_path / f'devices{devices}.log',
       devices=devices,
@@ -161,7 +161,7 @@ def test_digits_quickstart_reaches_98_percent(tmp_path, digits_data_dir):
     '--config=configs/digits.py',
     f'--workdir={tmp_path}',
     f'--config.data_dir={digits_data_dir}',
-    '--config.compilation_cache_dir=',
+    f'--config.compilation_cache_dir={XLA_CACHE}',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   final = json.loads((tmp_path / 'final_metrics.json').read_text())
