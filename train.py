@@ -103,6 +103,7 @@ def main(argv: list[str]) -> None:
 
   from densenet_jax import input_pipeline, train_lib
   from densenet_jax.torchvision_port import StateDictError
+  from densenet_jax.weights import PretrainedError
 
   distributed = False
   try:
@@ -136,6 +137,7 @@ def main(argv: list[str]) -> None:
     train_lib.TrainingError,
     input_pipeline.DataError,
     StateDictError,
+    PretrainedError,
     FileNotFoundError,
   ) as error:
     fail(str(error))

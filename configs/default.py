@@ -32,8 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Without half_precision: 'float32', or 'float64' (needs JAX_ENABLE_X64=1; for exactness checks).
   config.dtype = 'float32'
   config.param_dtype = 'float32'
-  # An orbax checkpoint from `python -m densenet_jax.convert to-jax X.pth DIR` to start from (when
-  # the workdir has no checkpoint). A classifier of another class count is re-initialized.
+  # Weights to start from when the workdir has no checkpoint: a pretrained name ('densenet121' ...
+  # 'densenet201': ImageNet weights via densenet_jax.pretrained; 'hf-hub:OWNER/REPO'), a
+  # torchvision .safetensors or .pth file, or an orbax checkpoint directory (`python -m
+  # densenet_jax.convert to-jax`). A classifier of another class count is re-initialized.
   config.init_from = ''
 
   # Data (TFDS).

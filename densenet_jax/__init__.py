@@ -17,5 +17,8 @@ from densenet_jax.torchvision_port import StateDictError as StateDictError
 from densenet_jax.torchvision_port import config_from_variables as config_from_variables
 from densenet_jax.torchvision_port import from_torchvision as from_torchvision
 from densenet_jax.torchvision_port import to_torchvision as to_torchvision
+from densenet_jax.weights import PRETRAINED as PRETRAINED
+from densenet_jax.weights import PretrainedError as PretrainedError
+from densenet_jax.weights import pretrained as pretrained
 
 __version__ = '0.1.0'

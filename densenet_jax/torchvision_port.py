@@ -21,6 +21,7 @@ the unbiased batch variance (times n / (n - 1), n = batch * height * width), Fla
 biased one.
 """
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -96,12 +97,15 @@ def _list(keys, limit: int = 8) -> str:
   return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
 
 
-def from_torchvision(state_dict: Mapping[str, Any], model: DenseNet | None = None) -> dict:
+def from_torchvision(
+  state_dict: Mapping[str, Any] | str | os.PathLike, model: DenseNet | None = None
+) -> dict:
   """Converts a torchvision DenseNet state dict to Flax variables.
 
   Args:
     state_dict: key -> array (torch tensors or numpy arrays), with torchvision's
-      current keys or the legacy keys of its published weight files.
+      current keys or the legacy keys of its published weight files; or the path of a
+      `.safetensors` file (read without torch) or a `.pth` file (needs torch).
     model: if given, the variables are checked against it: every key it needs must be
       present with the right shape, and no key may be left over.
 
@@ -112,6 +116,10 @@ def from_torchvision(state_dict: Mapping[str, Any], model: DenseNet | None = Non
     StateDictError (a ValueError): a key that is not a DenseNet key, or (with
       `model`) a missing, left-over or wrongly shaped one. The message names them.
   """
+  if isinstance(state_dict, str | os.PathLike):
+    from densenet_jax.weights import load_state_dict
+
+    state_dict = load_state_dict(state_dict)
   flat = {}
   foreign = []
   for key, value in state_dict.items():

@@ -31,7 +31,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from densenet_jax import convert, input_pipeline, models
+from densenet_jax import convert, input_pipeline, models, weights
 from densenet_jax.checkpoints import SIGTERM_EXIT_CODE, Checkpoints, Preempted, PreemptionWatcher
 from densenet_jax.paths import as_path
 from densenet_jax.registry import (
@@ -44,6 +44,7 @@ from densenet_jax.registry import (
 from densenet_jax.reporting import Reporter, log, print_summary
 from densenet_jax.sharding import global_batch, param_checksum, replicate, to_host
 from densenet_jax.steps import TrainState, eval_step, train_step, zero_train_metrics
+from densenet_jax.torchvision_port import from_torchvision
 from densenet_jax.traced_step import TracedStep, jit_train_step
 
 
@@ -127,12 +128,30 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setu
   )
 
 
-def load_init_from(s: Setup, state: TrainState) -> TrainState:
-  """`state` with the params and batch_stats of `config.init_from` (a converted checkpoint)."""
-  path = as_path(s.config.init_from)
+def init_from_variables(init_from: str) -> tuple[str, dict]:
+  """(what it is, variables) of `config.init_from`.
+
+  It is a pretrained name ('densenet121', 'hf-hub:OWNER/REPO': `densenet_jax.pretrained`), a
+  torchvision state dict file (.safetensors, or .pth with torch), or an Orbax checkpoint directory
+  (`python -m densenet_jax.convert to-jax`, or a step of a training run's checkpoints).
+  """
+  if init_from in weights.PRETRAINED or init_from.startswith(weights.HUB_PREFIX):
+    _, variables = weights.pretrained(init_from)
+    return f'the pretrained {init_from} ({weights.repo_of(init_from)})', variables
+  path = as_path(init_from)
   if not path.exists():
-    raise ConfigError(f'config.init_from={s.config.init_from!r} does not exist.')
-  _, variables = convert.load_checkpoint(path)
+    raise ConfigError(
+      f'config.init_from={init_from!r} is neither a pretrained name ({", ".join(weights.PRETRAINED)}, '
+      "'hf-hub:OWNER/REPO') nor an existing state dict file or checkpoint directory."
+    )
+  if path.suffix in ('.safetensors', '.pth', '.pt', '.bin'):
+    return str(path), from_torchvision(path)
+  return str(path), convert.load_checkpoint(path)[1]
+
+
+def load_init_from(s: Setup, state: TrainState) -> TrainState:
+  """`state` with the params and batch_stats of `config.init_from` (see `init_from_variables`)."""
+  path, variables = init_from_variables(s.config.init_from)
   ours = {'params': state.params, 'batch_stats': state.batch_stats}
   theirs_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(variables)}
   ours_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(ours)}
@@ -145,7 +164,7 @@ def load_init_from(s: Setup, state: TrainState) -> TrainState:
   if extra or any('classifier' not in key for key in mismatched):
     problems = [k for k in mismatched if 'classifier' not in k] + extra
     raise ConfigError(
-      f'config.init_from={str(path)!r} does not fit config.model={s.config.model!r} '
+      f'config.init_from={s.config.init_from!r} does not fit config.model={s.config.model!r} '
       f'({len(problems)} variables differ, e.g. {", ".join(problems[:3])}); set config.model and '
       f"config.model_kwargs to the checkpoint's architecture."
     )

@@ -1,0 +1,165 @@
+"""Pretrained ImageNet weights in one call, without torch: `densenet_jax.pretrained('densenet121')`.
+
+torchvision's published DenseNet weights are on the Hugging Face Hub as safetensors files in
+timm's repositories (`timm/densenet121.tv_in1k`, torchvision's keys). They are fetched with
+`huggingface_hub` (its cache, `revision` and offline mode: `HF_HUB_OFFLINE=1`, `HF_HOME`,
+`HF_ENDPOINT` work as for any Hub download), read with `safetensors` as numpy arrays (no torch,
+no pickle) and converted with `from_torchvision`, which checks every key and shape against the
+model. As with timm's `create_model(name, pretrained=True)`, `num_classes` other than the
+weights' 1,000 gives a new classifier; `'hf-hub:OWNER/REPO'` loads any DenseNet in that layout.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from densenet_jax.models import (
+  DenseNet,
+  DenseNet121,
+  DenseNet161,
+  DenseNet169,
+  DenseNet201,
+  dense_kernel_init,
+)
+from densenet_jax.paths import as_path
+from densenet_jax.torchvision_port import StateDictError, config_from_variables, from_torchvision
+
+FILENAME = 'model.safetensors'
+HUB_PREFIX = 'hf-hub:'
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """Where a set of pretrained weights lives and what its publisher measured."""
+
+  repo_id: str
+  model: Callable[..., DenseNet]
+  top1: float  # ImageNet validation, 224x224 center crop of 256, as published by `source`
+  top5: float
+  source: str
+
+
+PRETRAINED: dict[str, Weights] = {
+  'densenet121': Weights('timm/densenet121.tv_in1k', DenseNet121, 74.434, 91.972, 'torchvision'),
+  'densenet161': Weights('timm/densenet161.tv_in1k', DenseNet161, 77.138, 93.560, 'torchvision'),
+  'densenet169': Weights('timm/densenet169.tv_in1k', DenseNet169, 75.600, 92.806, 'torchvision'),
+  'densenet201': Weights('timm/densenet201.tv_in1k', DenseNet201, 76.896, 93.370, 'torchvision'),
+}
+
+
+class PretrainedError(RuntimeError):
+  """The weights cannot be had (offline and not cached, an interrupted download, ...)."""
+
+
+def repo_of(name: str) -> str:
+  """The Hub repository of `name` (a key of PRETRAINED, or 'hf-hub:OWNER/REPO')."""
+  if name.startswith(HUB_PREFIX):
+    return name[len(HUB_PREFIX) :]
+  if name not in PRETRAINED:
+    raise ValueError(
+      f'no pretrained weights named {name!r}: densenet_jax.pretrained knows {", ".join(PRETRAINED)}, '
+      f"or 'hf-hub:OWNER/REPO' for a Hub repository with a {FILENAME} in torchvision's layout."
+    )
+  return PRETRAINED[name].repo_id
+
+
+def download(name: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> str:
+  """The local path of `name`'s weight file, fetched into the Hugging Face cache if not there yet.
+
+  Raises:
+    PretrainedError: offline (or the Hub unreachable) and not cached, or the download failed;
+      nothing half-written is left where a later call would read it.
+  """
+  from huggingface_hub import hf_hub_download
+  from huggingface_hub.errors import LocalEntryNotFoundError
+
+  repo_id = repo_of(name)
+  try:
+    return hf_hub_download(repo_id, FILENAME, revision=revision, cache_dir=cache_dir)
+  except LocalEntryNotFoundError as error:
+    from huggingface_hub import constants
+
+    cache = cache_dir or constants.HF_HUB_CACHE
+    raise PretrainedError(
+      f'{repo_id}/{FILENAME} is not in the Hugging Face cache ({cache}) and cannot be downloaded '
+      f'(offline, or the Hub unreachable). On a machine online, run `hf download {repo_id} {FILENAME}` and '
+      f'copy {os.path.join(cache, "models--" + repo_id.replace("/", "--"))} to the same place here; or '
+      f'pass the file itself: densenet_jax.from_torchvision("{FILENAME}", model).'
+    ) from error
+  except Exception as error:  # noqa: BLE001  (dropped connection, no such repository, disk full, ...)
+    # huggingface_hub keeps a partial file as blobs/*.incomplete, never in snapshots/: a later
+    # call resumes it and nothing reads it before.
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise PretrainedError(
+      f'downloading {repo_id}/{FILENAME} failed ({reason}); run again to resume.'
+    ) from error
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A torchvision-layout state dict from a file: `.safetensors` without torch, `.pth` with it."""
+  path = as_path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist.')
+  if path.suffix == '.safetensors':
+    from safetensors.numpy import load
+
+    return load(path.read_bytes())
+  if path.suffix in ('.pth', '.pt', '.bin'):
+    from densenet_jax.convert import load_pth
+
+    return load_pth(path)
+  raise StateDictError(f'{path}: a state dict file must end in .safetensors (no torch needed) or .pth.')
+
+
+def pretrained(
+  name: str = 'densenet121',
+  *,
+  num_classes: int | None = None,
+  revision: str | None = None,
+  cache_dir: str | os.PathLike | None = None,
+  seed: int = 0,
+  **model_kwargs: Any,
+) -> tuple[DenseNet, dict]:
+  """`(model, variables)` with pretrained weights, as `DenseNet121(weights='imagenet')` in Keras.
+
+  Args:
+    name: a key of `PRETRAINED` ('densenet121', 'densenet161', 'densenet169', 'densenet201'), or
+      'hf-hub:OWNER/REPO' (its architecture is read off the weights).
+    num_classes: None keeps the weights' classifier (1,000 ImageNet classes); another count
+      replaces it by a new one
+      (torch's Linear initialization, as the model's own, from `seed`), said in a log line.
+    revision: a Hub branch, tag or commit.
+    cache_dir: the Hugging Face cache to use (default: HF_HUB_CACHE).
+    **model_kwargs: other `DenseNet` attributes (`dtype`, `memory_efficient`, `kernels`, ...).
+
+  Returns:
+    The model and `{'params', 'batch_stats'}` as numpy arrays, checked against the model.
+  """
+  state_dict = load_state_dict(download(name, revision=revision, cache_dir=cache_dir))
+  if name.startswith(HUB_PREFIX):
+    config = config_from_variables(from_torchvision(state_dict))
+    weights_model = DenseNet(**config, **model_kwargs)
+  else:
+    weights_model = PRETRAINED[name].model(**model_kwargs)
+  variables = from_torchvision(state_dict, weights_model)  # Every key and shape checked.
+  if num_classes in (None, weights_model.num_classes):
+    return weights_model, variables
+  model = weights_model.clone(num_classes=num_classes)
+  in_features = variables['params']['classifier']['kernel'].shape[0]
+  classifier = nn.Dense(num_classes, kernel_init=dense_kernel_init, param_dtype=model.param_dtype)
+  fresh = classifier.init(jax.random.key(seed), jnp.zeros((1, in_features), model.param_dtype))
+  variables['params']['classifier'] = jax.tree.map(np.asarray, fresh['params'])
+  logging.info(
+    'pretrained(%r): a new classifier for %d classes (the weights have %d).',
+    name,
+    num_classes,
+    weights_model.num_classes,
+  )
+  return model, variables
