@@ -8,6 +8,8 @@ from densenet_jax.models import DenseNet161 as DenseNet161
 from densenet_jax.models import DenseNet169 as DenseNet169
 from densenet_jax.models import DenseNet201 as DenseNet201
 from densenet_jax.models import DenseNet264 as DenseNet264
+from densenet_jax.models import DenseNet264d as DenseNet264d
+from densenet_jax.models import DenseNetBlur121d as DenseNetBlur121d
 from densenet_jax.models import Transition as Transition
 from densenet_jax.models import densenet_cifar as densenet_cifar
 from densenet_jax.ops import KERNEL_SETS as KERNEL_SETS

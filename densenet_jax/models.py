@@ -180,6 +180,16 @@ class Transition(nn.Module):
     return self.conv(self.num_output_features, 1, name='conv')(x)
 
 
+def blur_pool(x: jax.Array) -> jax.Array:
+  """timm's BlurPool2d(filt_size=3, stride=2): reflect padding 1, the [1, 2, 1]^2 / 16 filter per channel."""
+  taps = jnp.array([1.0, 2.0, 1.0], x.dtype) / 4
+  kernel = jnp.tile((taps[:, None] * taps[None, :])[:, :, None, None], (1, 1, 1, x.shape[-1]))
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  return jax.lax.conv_general_dilated(
+    x, kernel, (2, 2), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1]
+  )
+
+
 class DenseNet(nn.Module):
   """DenseNet; the defaults are torchvision's `DenseNet` (= DenseNet-121).
 
@@ -193,7 +203,12 @@ class DenseNet(nn.Module):
       channels.
     drop_rate: dropout rate after each dense layer (needs a 'dropout' rng in training).
     num_classes: classifier outputs.
-    stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or 'cifar' (3x3 conv).
+    stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max pool), 'deep' (timm's: three 3x3 convs, the
+      first of stride 2, of growth_rate, growth_rate and num_init_features channels, each followed by
+      BN and ReLU, then the 3x3/2 max pool) or 'cifar' (3x3 conv).
+    blur_pool: the stem's max pool at stride 1, then timm's BlurPool2d (a 3x3 binomial filter,
+      reflect-padded, stride 2): the anti-aliased downsampling of Zhang (2019), as timm's
+      densenetblur121d (its transitions keep average pooling).
     memory_efficient: in training, recompute each dense layer's concatenation and first BN-ReLU in
       the backward pass instead of keeping them: the same numbers, memory linear instead of
       quadratic in depth.
@@ -223,6 +238,7 @@ class DenseNet(nn.Module):
   drop_rate: float = 0.0
   num_classes: int = 1000
   stem: str = 'imagenet'
+  blur_pool: bool = False
   memory_efficient: bool = False
   features_only: bool = False
   kernels: str = 'auto'
@@ -277,9 +293,19 @@ class DenseNet(nn.Module):
       x = features['conv0'] = conv(self.num_init_features, 7, strides=2, padding=3, name='conv0')(x)
       x = features['norm0'] = norm(name='norm0')(x)
       x = features['relu0'] = nn.relu(x)
-      x = features['pool0'] = kernels.max_pool(x, 3, 2, 1)
+    elif self.stem == 'deep':
+      widths = (self.growth_rate, self.growth_rate, self.num_init_features)
+      for i, (width, stride) in enumerate(zip(widths, (2, 1, 1), strict=True)):
+        x = features[f'conv{i}'] = conv(width, 3, strides=stride, padding=1, name=f'conv{i}')(x)
+        x = features[f'norm{i}'] = norm(name=f'norm{i}')(x)
+        x = features[f'relu{i}'] = nn.relu(x)
     else:
       x = features['conv0'] = conv(self.num_init_features, 3, padding=1, name='conv0')(x)
+    if self.stem != 'cifar':
+      if self.blur_pool:
+        x = features['pool0'] = blur_pool(kernels.max_pool(x, 3, 1, 1))
+      else:
+        x = features['pool0'] = kernels.max_pool(x, 3, 2, 1)
 
     num_features = self.num_init_features
     for i, num_layers in enumerate(self.block_config):
@@ -315,6 +341,13 @@ DenseNet161 = partial(DenseNet, growth_rate=48, block_config=(6, 12, 36, 24), nu
 DenseNet169 = partial(DenseNet, growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64)
 DenseNet201 = partial(DenseNet, growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64)
 DenseNet264 = partial(DenseNet, growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64)
+# timm's variants: a deep stem, and with it blur pooling (their state dicts use torchvision's names).
+DenseNet264d = partial(
+  DenseNet, growth_rate=48, block_config=(6, 12, 64, 48), num_init_features=96, stem='deep'
+)
+DenseNetBlur121d = partial(
+  DenseNet, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, stem='deep', blur_pool=True
+)
 
 
 def densenet_cifar(

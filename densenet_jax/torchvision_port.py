@@ -38,7 +38,7 @@ _LEGACY_KEY = re.compile(
 )
 # Every key of a torchvision DenseNet, current style: the module path, then the leaf.
 _KEY = re.compile(
-  r'^(?:features\.(?P<module>conv0|norm0|norm5|transition\d+\.(?:norm|conv)'
+  r'^(?:features\.(?P<module>conv[012]|norm[0125]|transition\d+\.(?:norm|conv)'
   r'|denseblock\d+\.denselayer\d+\.(?:norm|conv)[12])|(?P<classifier>classifier))'
   r'\.(?P<leaf>weight|bias|running_mean|running_var|num_batches_tracked)$'
 )
@@ -203,7 +203,8 @@ def config_from_variables(variables: dict) -> dict:
 
   Reads growth rate, block sizes, stem width, bottleneck size and class count from the
   shapes, so that a state dict of unknown preset can be loaded:
-  `DenseNet(**config_from_variables(v))`. Handles torchvision's (ImageNet-stem) layout.
+  `DenseNet(**config_from_variables(v))`. Handles torchvision's (ImageNet-stem) layout and timm's
+  deep stem.
   """
   params = variables['params']
   blocks = sorted((k for k in params if k.startswith('denseblock')), key=lambda k: int(k[10:]))
@@ -211,13 +212,17 @@ def config_from_variables(variables: dict) -> dict:
     raise ValueError('no dense blocks in the variables')
   first = params[blocks[0]]['denselayer1']
   growth_rate = first['conv2']['kernel'].shape[3]
-  return {
+  deep = 'conv2' in params  # timm's deep stem: conv0, conv1, conv2 before the pool
+  config = {
     'growth_rate': growth_rate,
     'block_config': tuple(len(params[b]) for b in blocks),
-    'num_init_features': params['conv0']['kernel'].shape[3],
+    'num_init_features': params['conv2' if deep else 'conv0']['kernel'].shape[3],
     'bn_size': first['conv1']['kernel'].shape[3] // growth_rate,
     'num_classes': params['classifier']['kernel'].shape[1],
   }
+  if deep:  # (Whether it blurs its pool, weights cannot say: blur pooling has none.)
+    config['stem'] = 'deep'
+  return config
 
 
 def _torch_shape(flax_path: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -30,8 +30,12 @@ def check_config(model: Any) -> None:
     raise ValueError(f'compression must be in (0, 1], got {model.compression!r}.')
   if not 0.0 <= model.drop_rate < 1.0:
     raise ValueError(f'drop_rate must be in [0, 1), got {model.drop_rate!r}.')
-  if model.stem not in ('imagenet', 'cifar'):
-    raise ValueError(f"stem must be 'imagenet' or 'cifar', got {model.stem!r}.")
+  if model.stem not in ('imagenet', 'deep', 'cifar'):
+    raise ValueError(f"stem must be 'imagenet', 'deep' or 'cifar', got {model.stem!r}.")
+  if model.blur_pool and model.stem == 'cifar':
+    raise ValueError(
+      "blur_pool blurs the stem's pool, and the 'cifar' stem has none: use stem='deep' or 'imagenet'."
+    )
   if model.eval_in_pieces not in (None, True, False):
     raise ValueError(
       f"eval_in_pieces must be True, False or None (the kernel set's default), got {model.eval_in_pieces!r}."
@@ -43,10 +47,11 @@ def check_config(model: Any) -> None:
 def downsampled_sizes(size: int, stem: str, num_blocks: int) -> list[tuple[str, int]]:
   """The spatial size after each downsampling stage, as (stage name, size)."""
   sizes = []
-  if stem == 'imagenet':
-    size = (size + 2 * 3 - 7) // 2 + 1  # 7x7/2 conv, padding 3.
+  if stem in ('imagenet', 'deep'):
+    # 7x7/2 conv, padding 3, or 3x3/2, padding 1: the same size.
+    size = (size + 2 * 3 - 7) // 2 + 1
     sizes.append(('conv0', size))
-    size = (size + 2 * 1 - 3) // 2 + 1  # 3x3/2 max pool, padding 1.
+    size = (size + 2 * 1 - 3) // 2 + 1  # 3x3/2 max pool (or blur pool), padding 1.
     sizes.append(('pool0', size))
   for i in range(1, num_blocks):
     size //= 2  # 2x2/2 average pool.

@@ -44,6 +44,18 @@ def optional_module(name: str):
   return pytest.importorskip(name, reason=f'needs {name} (.ci/run installs it)')
 
 
+def import_over_cpu_torch(name: str):
+  """torchvision or timm (which imports torchvision) over the pinned CPU torch (see optional_module).
+
+  torchvision's wheel is CUDA-built; over the CPU torch it imports once
+  `torch.library.register_fake` is a no-op decorator (none of DenseNet's ops use it).
+  """
+  torch = optional_module('torch')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(torch.library, 'register_fake', lambda *args, **kwargs: lambda fn: fn)
+    return optional_module(name)
+
+
 @pytest.fixture(scope='session')
 def torchvision_reference() -> dict:
   """torchvision_densenet.json: counts, state-dict shapes and feature shapes per preset."""

@@ -137,7 +137,7 @@ def test_eval_mode_model_is_forward_mode_differentiable(kernels):
   np.testing.assert_allclose((tangent * cotangent).sum(), (direction * vjp(cotangent)[0]).sum(), rtol=1e-4)
 
 
-@pytest.mark.parametrize('kernel_size, stride, padding', [(7, 2, 3), (3, 1, 1), (3, 2, 0)])
+@pytest.mark.parametrize('kernel_size, stride, padding', [(7, 2, 3), (3, 2, 1), (3, 1, 1), (3, 2, 0)])
 def test_stem_conv_values_and_derivatives_equal_nn_conv_in_float64(kernel_size, stride, padding):
   with enable_x64():
     x = jax.random.normal(jax.random.key(0), (2, 17, 15, 3), jnp.float64)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import max_relative_error, optional_module
+from conftest import import_over_cpu_torch, max_relative_error, optional_module
 
 import densenet_jax
 
@@ -17,9 +17,7 @@ torch = optional_module('torch')
 
 @pytest.fixture(scope='module')
 def torchvision():
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(torch.library, 'register_fake', lambda *args, **kwargs: lambda fn: fn)
-    return optional_module('torchvision')
+  return import_over_cpu_torch('torchvision')
 
 
 def test_densenet121_to_torchvision_and_back(torchvision):
