@@ -44,20 +44,28 @@ def get_config() -> ml_collections.ConfigDict:
   config.manual_dir = ''  # imagenet2012's tar files; '' is DATA_DIR/downloads/manual.
   config.train_split = 'train'
   config.eval_split = 'validation'
+  # > 0: this last fraction of the train split is held out (never trained on) and evaluated with the
+  # eval split, as val_loss / val_top1 (big_vision's minival is train[99%:]); schedule='plateau' reads it.
+  config.validation_fraction = 0.0
   config.image_size = 224
-  config.train_augment = 'inception_crop'  # 'inception_crop', 'pad_crop' or 'none'.
+  # 'inception_crop', 'pad_crop', 'resize' (the whole image to image_size) or 'none'.
+  config.train_augment = 'inception_crop'
+
   config.crop_padding = 4  # pad_crop: zero padding before the random crop.
   config.random_flip = True
-  config.eval_preprocess = 'center_crop'  # 'center_crop' (resize, then crop) or 'none'.
+  config.eval_preprocess = 'center_crop'  # 'center_crop' (resize, then crop), 'resize' or 'none'.
   config.eval_crop_fraction = 0.875  # center_crop: 224 of 256, torchvision's.
-  config.mean = IMAGENET_MEAN
+  # (layers, magnitude): RandAugment after crop and flip, timm's rand-mM-nN ops (e.g. (2, 9)); () none.
+  config.randaugment = ()
+  config.mean = IMAGENET_MEAN  # one value per image channel
   config.std = IMAGENET_STD
   config.shuffle_buffer = 16 * 1024  # per data shard
   # The data order depends on this, not on the device or process count: 0 means one shard
   # per process. Fix it (e.g. 2) to compare runs across process counts.
   config.num_data_shards = 0
 
-  # Optimization: SGD with Nesterov momentum; lr = learning_rate * batch_size / lr_reference_batch.
+  # Optimization: SGD with Nesterov momentum; lr = learning_rate * batch_size * grad_accum_steps /
+  # lr_reference_batch.
   config.batch_size = 256  # global, over all devices of all hosts
   config.eval_batch_size = 256
   # > 0: batch_size and eval_batch_size are this times the device count (e.g. configs/tpu.py).
@@ -66,15 +74,45 @@ def get_config() -> ml_collections.ConfigDict:
   config.total_steps = 0  # > 0 overrides num_epochs.
   config.learning_rate = 0.1
   config.lr_reference_batch = 256
-  config.schedule = 'step'  # 'step' (x lr_decay_factor at lr_decay_epochs) or 'cosine'.
+  # 'step' (x lr_decay_factor at lr_decay_epochs), 'cosine', or 'plateau': x plateau_factor when the
+  # validation loss (needs validation_fraction) has not improved by plateau_rtol (relative) for
+  # plateau_patience evaluations, as PyTorch's ReduceLROnPlateau (optax.contrib.reduce_on_plateau).
+  config.schedule = 'step'
   config.lr_decay_epochs = (30, 60)
   config.lr_decay_factor = 0.1
-  config.warmup_epochs = 0.0  # linear warmup from 0, both schedules.
+  config.plateau_factor = 0.1
+  config.plateau_patience = 10  # evaluations (every eval_every_epochs)
+  config.plateau_rtol = 1e-4
+  config.plateau_cooldown = 0
+  config.plateau_min_scale = 0.0
+  config.warmup_epochs = 0.0  # linear warmup from 0, every schedule.
+  # 'sgd' (momentum, nesterov), 'adam' or 'adamw' (adam_betas, adam_eps), with PyTorch's meaning of
+  # weight_decay: added to the gradient for sgd and adam, decoupled (lr x weight_decay x param) for adamw.
+  config.optimizer = 'sgd'
   config.momentum = 0.9
   config.nesterov = True
-  config.weight_decay = 1e-4  # added to the gradient before momentum, as PyTorch's SGD.
+  config.adam_betas = (0.9, 0.999)
+  config.adam_eps = 1e-8
+  config.weight_decay = 1e-4
   config.weight_decay_norm_and_bias = True  # False: decay conv/dense kernels only.
   config.label_smoothing = 0.0
+  config.grad_clip_norm = 0.0  # > 0: clip the gradient's global norm (torch's clip_grad_norm_).
+  # > 1: one update per this many steps, on their mean gradient (optax.MultiSteps): an update sees
+  # batch_size x grad_accum_steps images; BatchNorm normalizes each step's batch_size images and
+  # updates its running statistics every step, as with accumulation in PyTorch.
+  config.grad_accum_steps = 1
+  # Fine-tuning (init_from): the classifier trains; the backbone (everything else) is frozen (run in
+  # inference mode: its BatchNorm statistics do not move either) or trains at this times the lr.
+  config.freeze_backbone = False
+  config.backbone_lr_multiplier = 1.0
+  # > 0: keep an exponential moving average of the weights and BatchNorm statistics (timm's
+  # ModelEmaV2, e.g. 0.9998), updated after every optimizer update. Evaluation uses it, and
+  # `python -m densenet_jax.convert to-torch --ema` exports it.
+  config.ema_decay = 0.0
+  # > 0: timm's Mixup / CutMix on the device (batch mode: each image with the batch's reverse, labels
+  # mixed alike; both > 0: one or the other per batch, evenly). timm's ImageNet recipes: 0.2 / 1.0.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
 
   # Bookkeeping.
   config.seed = 0
@@ -82,6 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000  # and at the last step
   config.keep_checkpoints = 3
+  # '' or an eval metric ('test_top1', 'val_top1', 'val_loss', ...): every evaluation is saved with
+  # its metrics, and the best one is kept beside the newest keep_checkpoints (orbax's BestN); its
+  # step is final_metrics.json's best_step.
+  config.best_checkpoint_metric = ''
   config.progress_bar = True
   # Multi-process: 'auto' initializes jax.distributed where JAX detects a cluster (Cloud TPU pod
   # slice, SLURM, ...) or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are set,

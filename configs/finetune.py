@@ -5,7 +5,9 @@
 The weights are torchvision's, fetched once by `densenet_jax.pretrained('densenet121')` from the
 Hugging Face Hub into its cache (no torch); the classifier is new, for 10 classes. Other weights:
 --config.init_from=densenet169 (or a .safetensors / .pth file, or a converted checkpoint); another
-dataset: --config.dataset=NAME (any TFDS image classification dataset).
+dataset: --config.dataset=NAME (any TFDS image classification dataset). A linear probe:
+--config.freeze_backbone=True (the backbone in inference mode, its BatchNorm statistics fixed); a
+slower backbone: --config.backbone_lr_multiplier=0.1 (docs/recipes.md).
 
 Expected: well above 95% top-1 on Imagenette's validation split after 5 epochs (its classes are
 ImageNet's; not measured here: these machines cannot download it).

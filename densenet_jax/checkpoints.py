@@ -36,14 +36,36 @@ class Checkpoints:
   error: it is never set aside, so a mistyped flag cannot restart a run from step 0.
   """
 
-  def __init__(self, workdir: epath.Path, keep: int, model_config: dict):
+  def __init__(self, workdir: epath.Path, keep: int, model_config: dict, best_metric: str = ''):
+    """Keeps the newest `keep` checkpoints, and with `best_metric` (e.g. 'test_top1', or 'val_loss':
+    lower is better for losses) also the best one of those saved with metrics (orbax's BestN)."""
     self.directory = workdir / 'checkpoints'
     self.quarantine = workdir / 'corrupt_checkpoints'
     self.model_config = model_config
+    self.best_metric = best_metric
+    if best_metric:
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+          ocp.checkpoint_managers.LatestN(n=keep),
+          ocp.checkpoint_managers.BestN(
+            get_metric_fn=self._score,
+            n=1,
+            keep_checkpoints_without_metrics=False,
+          ),
+        ]
+      )
+      # best_fn makes orbax write each save's metrics; the policy keeps the newest and the best.
+      options = ocp.CheckpointManagerOptions(
+        best_fn=self._score,
+        best_mode='max',
+        preservation_policy=policy,
+        create=True,
+        cleanup_tmp_directories=True,
+      )
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
-      item_names=('state', 'model_config'),
+      self.directory, options=options, item_names=('state', 'model_config')
     )
     # Orbax removes the half-written directories of a killed run in a background thread and
     # waits for it only at the first save. Wait now, so that nothing else touches the filesystem
@@ -51,7 +73,8 @@ class Checkpoints:
     # The method is private: on an Orbax without it, the first save still waits.
     getattr(self.manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
 
-  def save(self, state: TrainState) -> int:
+  def save(self, state: TrainState, metrics: dict[str, float] | None = None) -> int:
+    """Saves `state` (in the background) unless its step is saved; `metrics` rank it for `best_metric`."""
     step = int(to_host(state.step))
     if step not in self.manager.all_steps():
       self.manager.save(
@@ -59,8 +82,26 @@ class Checkpoints:
         args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), model_config=ocp.args.JsonSave(self.model_config)
         ),
+        metrics=metrics if self.best_metric else None,
       )
     return step
+
+  def best_step(self) -> int | None:
+    """The saved step with the best `best_metric` (None without one, or before any evaluation)."""
+    if not self.best_metric:
+      return None
+    self.manager.wait_until_finished()
+    scored = []
+    for step in self.manager.all_steps():
+      metrics = self.manager.metrics(step)
+      if metrics and self.best_metric in metrics:
+        scored.append((self._score(metrics), step))  # Of equals the latest, as BestN keeps.
+    return max(scored)[1] if scored else None
+
+  def _score(self, metrics: dict[str, float]) -> float:
+    """Higher is better: the metric, or minus a loss."""
+    value = metrics[self.best_metric]
+    return -value if self.best_metric.endswith('loss') else value
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint (after waiting for saves in flight)."""
@@ -80,11 +121,15 @@ class Checkpoints:
         self._set_aside(step, error)
         continue
       self._check_fits(step, saved, abstract_state)
+      target = abstract_state
+      saved_fields = set(getattr(saved, 'tree', None) or {})
+      if saved_fields and 'ema' not in saved_fields and not jax.tree.leaves(abstract_state.ema):
+        # Saved before TrainState had `ema` (empty without ema_decay): restore the fields it has.
+        target = {name: getattr(abstract_state, name) for name in saved_fields}
       try:
-        restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-        return restored.state
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        state = restored.state
+        return abstract_state.replace(**state) if isinstance(state, dict) else state
       except Exception as error:  # noqa: BLE001
         self._set_aside(step, error)
     return None

@@ -2,6 +2,7 @@
 
   python -m densenet_jax.convert to-jax densenet121-a639ec97.pth /ckpt/densenet121
   python -m densenet_jax.convert to-torch /ckpt/densenet121 densenet121_back.pth
+  python -m densenet_jax.convert to-torch --ema WORKDIR/checkpoints/STEP ema.pth  # a run's EMA weights
 
 The checkpoint directory holds `variables` ({'params', 'batch_stats'}, orbax
 StandardSave) and `model_config` (JSON: the `DenseNet` keyword arguments), so
@@ -58,6 +59,7 @@ def model_config(model: DenseNet) -> dict[str, Any]:
     'compression',
     'num_classes',
     'stem',
+    'blur_pool',
   )
   return {name: getattr(model, name) for name in names}
 
@@ -78,12 +80,15 @@ def save_checkpoint(directory: str | os.PathLike, model: DenseNet, variables: di
   return directory
 
 
-def load_checkpoint(directory: str | os.PathLike, **model_kwargs: Any) -> tuple[DenseNet, dict]:
+def load_checkpoint(
+  directory: str | os.PathLike, *, ema: bool = False, **model_kwargs: Any
+) -> tuple[DenseNet, dict]:
   """(model, variables) from a `save_checkpoint` directory or a training checkpoint.
 
   A training checkpoint is one step of train.py's WORKDIR/checkpoints (e.g.
   WORKDIR/checkpoints/660): its `state` holds params and batch_stats beside the optimizer
-  state. `model_kwargs` add e.g. dtype.
+  state, and with config.ema_decay their moving average, which `ema` selects. `model_kwargs` add
+  e.g. dtype.
   """
   directory = as_path(directory)
   if not directory.is_dir():
@@ -98,7 +103,14 @@ def load_checkpoint(directory: str | os.PathLike, **model_kwargs: Any) -> tuple[
   config = dict(restored.model_config)
   config['block_config'] = tuple(config['block_config'])
   variables = restored[item]
-  if is_training_checkpoint:
+  if ema:
+    if not (is_training_checkpoint and variables.get('ema')):
+      raise FileNotFoundError(
+        f'{directory} holds no EMA weights: they are in the checkpoints of runs with config.ema_decay > 0; '
+        'drop --ema to use the weights.'
+      )
+    variables = variables['ema']
+  if is_training_checkpoint or ema:
     variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   return DenseNet(**config, **model_kwargs), variables
 
@@ -112,13 +124,13 @@ def pth_to_checkpoint(pth: str | os.PathLike, directory: str | os.PathLike) -> D
   return model
 
 
-def checkpoint_to_pth(directory: str | os.PathLike, pth: str | os.PathLike) -> None:
-  """Writes a checkpoint's variables as a torchvision state dict (.pth); never overwrites."""
+def checkpoint_to_pth(directory: str | os.PathLike, pth: str | os.PathLike, ema: bool = False) -> None:
+  """Writes a checkpoint's variables (or its EMA's) as a torchvision state dict (.pth); never overwrites."""
   torch = _import_torch()
   pth = as_path(pth)
   if pth.exists():
     raise FileExistsError(f'{pth} exists; choose a new file name (nothing was overwritten).')
-  _, variables = load_checkpoint(directory)
+  _, variables = load_checkpoint(directory, ema=ema)
   with pth.open('wb') as f:
     torch.save({k: torch.from_numpy(v) for k, v in to_torchvision(variables).items()}, f)
 
@@ -132,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
   to_torch = commands.add_parser('to-torch', help='orbax checkpoint directory -> torchvision .pth')
   to_torch.add_argument('checkpoint_dir')
   to_torch.add_argument('pth')
+  to_torch.add_argument(
+    '--ema', action='store_true', help="a training checkpoint's EMA weights (config.ema_decay)"
+  )
   args = parser.parse_args(argv)
   try:
     if args.command == 'to-jax':
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         f'block_config={model.block_config}, num_classes={model.num_classes})'
       )
     else:
-      checkpoint_to_pth(args.checkpoint_dir, args.pth)
+      checkpoint_to_pth(args.checkpoint_dir, args.pth, ema=args.ema)
       print(f'wrote {args.pth}')
   except (StateDictError, FileExistsError, FileNotFoundError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 import densenet_jax.datasets  # noqa: F401  (registers sklearn_digits)
+from densenet_jax.randaugment import randaugment
 
 # The files imagenet2012 needs, from https://image-net.org (TFDS cannot download them).
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -44,10 +45,12 @@ class DataSpec:
     name: TFDS name.
     num_classes: label classes.
     channels: image channels.
-    num_train_examples: examples in the train split.
+    num_train_examples: examples that train: the train split's first (1 - validation_fraction).
     num_eval_examples: examples in the eval split.
     steps_per_epoch: global batches per epoch (each shard's remainder is dropped).
     eval_steps: global eval batches (the last ones padded).
+    num_validation_examples: the train split's last `validation_fraction`, held out (0: none).
+    validation_steps: global validation batches (as eval_steps).
   """
 
   name: str
@@ -57,6 +60,8 @@ class DataSpec:
   num_eval_examples: int
   steps_per_epoch: int
   eval_steps: int
+  num_validation_examples: int = 0
+  validation_steps: int = 0
 
 
 def num_data_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
@@ -144,8 +149,25 @@ def data_spec(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuild
         f'{config.dataset} has no split {split!r}; its splits are {sorted(builder.info.splits)} '
         f'(set config.train_split / config.eval_split).'
       )
-  num_train = _num_examples(builder, config.train_split)
+  # The validation split is the train split's tail, as big_vision's minival (train[99%:]): TFDS
+  # writes its examples shuffled, so a contiguous slice is a random sample, the same every run.
+  num_train_split = _num_examples(builder, config.train_split)
+  num_validation = round(num_train_split * config.validation_fraction)
+  num_train = num_train_split - num_validation
   num_eval = _num_examples(builder, config.eval_split)
+  channels = features['image'].shape[-1] or 3
+  for field in ('mean', 'std'):
+    if len(config[field]) != channels:
+      raise DataError(
+        f'config.{field} has {len(config[field])} values and the images of {config.dataset} have {channels} '
+        f'channel{"s" if channels > 1 else ""}: give one value per channel (e.g. --config.{field}='
+        f'"{tuple(config[field][:1]) * channels}").'
+      )
+  if config.validation_fraction and num_validation == 0:
+    raise DataError(
+      f'config.validation_fraction={config.validation_fraction} of the {num_train_split} examples of '
+      f'{config.dataset}:{config.train_split} is no example; use a larger fraction.'
+    )
   shard_batch = config.batch_size // shards
   steps_per_epoch = (num_train // shards) // shard_batch
   if steps_per_epoch == 0:
@@ -158,11 +180,13 @@ def data_spec(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuild
   return DataSpec(
     name=config.dataset,
     num_classes=features['label'].num_classes,
-    channels=features['image'].shape[-1] or 3,
+    channels=channels,
     num_train_examples=num_train,
     num_eval_examples=num_eval,
     steps_per_epoch=steps_per_epoch,
     eval_steps=math.ceil(math.ceil(num_eval / shards) / eval_shard_batch),
+    num_validation_examples=num_validation,
+    validation_steps=math.ceil(math.ceil(num_validation / shards) / eval_shard_batch),
   )
 
 
@@ -245,10 +269,16 @@ def preprocess_train(
     image = _inception_crop(encoded, config.image_size, channels, crop_seed)
   elif config.train_augment == 'pad_crop':
     image = _pad_crop(encoded, config.image_size, channels, config.crop_padding, crop_seed)
+  elif config.train_augment == 'resize':
+    image = _resize(encoded, config.image_size, channels)
   else:  # 'none'
     image = _resize_exact(encoded, config.image_size, channels)
   if config.random_flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  if config.randaugment:
+    layers, magnitude = config.randaugment
+    # A seed of its own, folded from the example's: the crop and flip stay as without RandAugment.
+    image = randaugment(image, layers, magnitude, tf.random.experimental.stateless_fold_in(seed, 2))
   return _normalize(config, image)
 
 
@@ -256,9 +286,16 @@ def preprocess_eval(config: ml_collections.ConfigDict, encoded: tf.Tensor, chann
   """Decodes one eval image (`config.eval_preprocess`) and normalizes it."""
   if config.eval_preprocess == 'center_crop':
     image = _center_crop(encoded, config.image_size, channels, config.eval_crop_fraction)
+  elif config.eval_preprocess == 'resize':
+    image = _resize(encoded, config.image_size, channels)
   else:  # 'none'
     image = _resize_exact(encoded, config.image_size, channels)
   return _normalize(config, image)
+
+
+def _resize(encoded: tf.Tensor, size: int, channels: int) -> tf.Tensor:
+  """The whole image resized (bilinear) to size x size, as torchvision's Resize((size, size))."""
+  return tf.image.resize(_decode(encoded, channels), [size, size], method='bilinear', antialias=True)
 
 
 def _resize_exact(encoded: tf.Tensor, size: int, channels: int) -> tf.Tensor:
@@ -363,8 +400,12 @@ def eval_iterator(
   spec: DataSpec,
   process_index: int,
   process_count: int,
+  validation: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """This process's part of `spec.eval_steps` global eval batches, each example exactly once.
+  """This process's part of the global eval batches, each example exactly once.
+
+  `spec.eval_steps` batches of the eval split, or with `validation` `spec.validation_steps`
+  batches of the held-out tail of the train split, preprocessed as eval images.
 
   Yields:
     {'image', 'label', 'mask'}: mask is 1 for real examples, 0 for the padding.
@@ -372,11 +413,17 @@ def eval_iterator(
   shards = num_data_shards(config, process_count)
   shard_batch = config.eval_batch_size // shards
   size = config.image_size
+  split, offset, count, steps = (
+    (config.train_split, spec.num_train_examples, spec.num_validation_examples, spec.validation_steps)
+    if validation
+    else (config.eval_split, 0, spec.num_eval_examples, spec.eval_steps)
+  )
 
   def shard_dataset(shard: int) -> tf.data.Dataset:
-    start, end = _shard_bounds(spec.num_eval_examples, shards, shard, drop_remainder=False)
+    start, end = _shard_bounds(count, shards, shard, drop_remainder=False)
+    start, end = start + offset, end + offset
     real = (
-      _read(builder, config.eval_split, start, end)
+      _read(builder, split, start, end)
       .take(end - start)
       .map(
         lambda example: (
@@ -390,7 +437,7 @@ def eval_iterator(
     padding = tf.data.Dataset.from_tensors(
       (tf.zeros([size, size, spec.channels], tf.float32), tf.constant(0, tf.int32), tf.constant(0, tf.int32))
     ).repeat()
-    return real.concatenate(padding).take(spec.eval_steps * shard_batch).batch(shard_batch)
+    return real.concatenate(padding).take(steps * shard_batch).batch(shard_batch)
 
   local = [shard_dataset(shard) for shard in _local_shards(shards, process_index, process_count)]
   dataset = tf.data.Dataset.zip(tuple(local)).map(

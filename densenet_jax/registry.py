@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ MODELS: dict[str, Callable[..., models.DenseNet]] = {
   'densenet169': models.DenseNet169,
   'densenet201': models.DenseNet201,
   'densenet264': models.DenseNet264,
+  'densenet264d': models.DenseNet264d,
+  'densenetblur121d': models.DenseNetBlur121d,
   'densenet_cifar': models.densenet_cifar,
   'densenet': models.DenseNet,
 }
@@ -24,9 +27,10 @@ MODELS: dict[str, Callable[..., models.DenseNet]] = {
 # Accepted values of the config's enumerated fields.
 CHOICES = {
   'mode': ('train', 'eval'),
-  'train_augment': ('inception_crop', 'pad_crop', 'none'),
-  'eval_preprocess': ('center_crop', 'none'),
-  'schedule': ('step', 'cosine'),
+  'train_augment': ('inception_crop', 'pad_crop', 'resize', 'none'),
+  'eval_preprocess': ('center_crop', 'resize', 'none'),
+  'schedule': ('step', 'cosine', 'plateau'),
+  'optimizer': ('sgd', 'adamw', 'adam'),
 }
 
 
@@ -55,6 +59,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{field}={config[field]!r} is not one of 'float32', 'bfloat16', 'float64'.")
     if config[field] == 'float64' and not jax.config.jax_enable_x64:
       raise ConfigError(f'config.{field}=float64 needs 64-bit JAX: run with JAX_ENABLE_X64=1.')
+  if config.schedule == 'plateau' and not config.validation_fraction:
+    raise ConfigError(
+      "config.schedule='plateau' reduces the learning rate on the validation loss, and there is no "
+      'validation split: set config.validation_fraction (e.g. 0.1).'
+    )
+  if not 0 <= config.validation_fraction < 1:
+    raise ConfigError(f'config.validation_fraction={config.validation_fraction} must be in [0, 1).')
+  if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
+    raise ConfigError(f'config.grad_accum_steps must be a positive integer, got {config.grad_accum_steps!r}.')
+  if config.freeze_backbone and config.backbone_lr_multiplier != 1.0:
+    raise ConfigError(
+      'config.freeze_backbone and config.backbone_lr_multiplier both set: a frozen backbone has no learning '
+      'rate; set one of them.'
+    )
+  randaugment = tuple(config.randaugment)
+  if randaugment and not (
+    len(randaugment) == 2
+    and isinstance(randaugment[0], int)
+    and randaugment[0] > 0
+    and 0 <= randaugment[1] <= 10
+  ):
+    raise ConfigError(
+      f'config.randaugment={randaugment!r} must be (layers, magnitude) with layers >= 1 and magnitude in '
+      "[0, 10], e.g. '(2, 9)' (timm's rand-m9-n2), or () for none."
+    )
+  if not 0 <= config.ema_decay < 1:
+    raise ConfigError(f'config.ema_decay={config.ema_decay} must be in [0, 1) (0 disables the EMA).')
   devices = jax.device_count()
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % devices:
@@ -76,31 +107,134 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.
     raise ConfigError(f'config.model_kwargs do not fit {config.model!r}: {error}.') from error
 
 
+def base_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """`config.learning_rate` scaled by the batch of one update (batch_size x grad_accum_steps)."""
+  return config.learning_rate * config.batch_size * config.grad_accum_steps / config.lr_reference_batch
+
+
 def learning_rate_schedule(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+  config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int
 ) -> optax.Schedule:
-  """The learning rate per step: base lr scaled by batch size, warmup, then step or cosine decay."""
-  base = config.learning_rate * config.batch_size / config.lr_reference_batch
+  """The learning rate per optimizer update: base lr, warmup, then step, cosine or constant decay.
+
+  With schedule='plateau' the schedule is constant after the warmup; `scale_by_plateau` scales it.
+  Under gradient accumulation, `steps_per_epoch` and `total_steps` count updates, not micro-batches.
+  """
+  base = base_learning_rate(config)
   warmup_steps = round(config.warmup_epochs * steps_per_epoch)
   if config.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, base, warmup_steps, max(total_steps, warmup_steps + 1))
-  decay = optax.piecewise_constant_schedule(
-    base, {round(epoch * steps_per_epoch): config.lr_decay_factor for epoch in config.lr_decay_epochs}
-  )
+  if config.schedule == 'plateau':
+    decay = optax.constant_schedule(base)
+  else:
+    decay = optax.piecewise_constant_schedule(
+      base, {round(epoch * steps_per_epoch): config.lr_decay_factor for epoch in config.lr_decay_epochs}
+    )
   if not warmup_steps:
     return decay
   warmup = optax.linear_schedule(0.0, base, warmup_steps)
   return optax.join_schedules([warmup, lambda step: decay(step + warmup_steps)], [warmup_steps])
 
 
-def create_optimizer(
+def _plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """PyTorch's ReduceLROnPlateau defaults (mode='min', threshold_mode='rel'), as optax's."""
+  return optax.contrib.reduce_on_plateau(
+    factor=config.plateau_factor,
+    patience=config.plateau_patience,
+    rtol=config.plateau_rtol,
+    cooldown=config.plateau_cooldown,
+    min_scale=config.plateau_min_scale,
+  )
+
+
+def scale_by_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Scales the updates by the plateau scale, which only `update_plateau` changes (at evaluations).
+
+  `optax.contrib.reduce_on_plateau` updates its state on every call with a value; here the value is
+  the validation loss, known once per evaluation, so the train step reads the scale and leaves it.
+  """
+  plateau = _plateau(config)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: (state.scale * u).astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(plateau.init, update)
+
+
+def _is_plateau_state(x) -> bool:
+  return isinstance(x, optax.contrib.ReduceLROnPlateauState)
+
+
+def update_plateau(config: ml_collections.ConfigDict, opt_state: Any, validation_loss: jax.Array) -> Any:
+  """`opt_state` with its plateau state advanced by one validation loss (unchanged without one)."""
+  plateau = _plateau(config)
+  return jax.tree.map(
+    lambda x: plateau.update({}, x, value=validation_loss)[1] if _is_plateau_state(x) else x,
+    opt_state,
+    is_leaf=_is_plateau_state,
+  )
+
+
+def learning_rate_scale(opt_state: Any) -> jax.Array:
+  """The plateau scale in `opt_state` (1 without schedule='plateau')."""
+  found = [x.scale for x in jax.tree.leaves(opt_state, is_leaf=_is_plateau_state) if _is_plateau_state(x)]
+  return found[0] if found else jnp.ones((), jnp.float32)
+
+
+def is_head(path: tuple) -> bool:
+  """Whether a parameter path is the classifier's (the head fine-tuning re-initializes)."""
+  return any(getattr(entry, 'key', None) == 'classifier' for entry in path)
+
+
+def _base_optimizer(
   config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-  """PyTorch's SGD: weight decay added to the gradient, then (Nesterov) momentum."""
+  """SGD and Adam as PyTorch's (weight decay added to the gradient), AdamW decoupled as PyTorch's."""
   mask = None
   if not config.weight_decay_norm_and_bias:
     mask = partial(jax.tree_util.tree_map_with_path, lambda path, _: path[-1].key == 'kernel')
-  return optax.chain(
-    optax.add_decayed_weights(config.weight_decay, mask),
-    optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
-  )
+  b1, b2 = config.adam_betas
+  if config.optimizer == 'adamw':
+    return optax.adamw(
+      schedule, b1=b1, b2=b2, eps=config.adam_eps, weight_decay=config.weight_decay, mask=mask
+    )
+  if config.optimizer == 'adam':
+    optimizer = optax.adam(schedule, b1=b1, b2=b2, eps=config.adam_eps)
+  else:
+    optimizer = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask), optimizer)
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """The optimizer of `config`: clipping, the optimizer (per parameter group), plateau, accumulation.
+
+  In order: the gradient's global norm clipped to `grad_clip_norm` (as torch's clip_grad_norm_
+  before `optimizer.step()`); `config.optimizer` on the schedule, the backbone frozen
+  (`freeze_backbone`) or at `backbone_lr_multiplier` times it (`optax.multi_transform`; the head is
+  the classifier); the plateau scale; all of it applied every `grad_accum_steps` micro-batches to
+  their mean gradient (`optax.MultiSteps`).
+  """
+  optimizer = _base_optimizer(config, schedule)
+  if config.freeze_backbone or config.backbone_lr_multiplier != 1.0:
+    multiplier = config.backbone_lr_multiplier
+    backbone = (
+      optax.set_to_zero()
+      if config.freeze_backbone
+      else _base_optimizer(config, lambda step: multiplier * schedule(step))
+    )
+    optimizer = optax.multi_transform(
+      {'head': optimizer, 'backbone': backbone},
+      partial(jax.tree_util.tree_map_with_path, lambda path, _: 'head' if is_head(path) else 'backbone'),
+    )
+  parts = [optimizer]
+  if config.grad_clip_norm:
+    parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.schedule == 'plateau':
+    parts.append(scale_by_plateau(config))
+  optimizer = optax.chain(*parts) if len(parts) > 1 else optimizer
+  if config.grad_accum_steps > 1:
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps)
+  return optimizer

@@ -97,6 +97,11 @@ class Reporter:
       f'({metrics["test_examples"]} images) | loss {metrics["test_loss"]:.4f} | '
       f'top-1 {100 * metrics["test_top1"]:.2f}% | top-5 {100 * metrics["test_top5"]:.2f}%'
     )
+    if 'val_loss' in metrics:
+      message += (
+        f' | validation ({metrics["val_examples"]} images) loss {metrics["val_loss"]:.4f}, '
+        f'top-1 {100 * metrics["val_top1"]:.2f}%'
+      )
     self._write(record, message)
     self.plot()
     self.window_start = (step, time.perf_counter())  # Eval time is not training time.
@@ -108,7 +113,7 @@ class Reporter:
     self.history.append(record)
     self._write_history()
     for key, value in {**record, **extra_scalars}.items():
-      if key not in ('step', 'epoch', 'test_examples'):
+      if key not in ('step', 'epoch', 'test_examples', 'val_examples'):
         self.tensorboard.scalar(key, value, record['step'])
     self.tensorboard.flush()
 
@@ -116,7 +121,7 @@ class Reporter:
     self.history_path.write_text(''.join(json.dumps(r) + '\n' for r in self.history))
 
   def plot(self) -> None:
-    """WORKDIR/curves.png: train and test loss, and top-1, against epochs."""
+    """WORKDIR/curves.png: train, validation (if held out) and test loss, and top-1, against epochs."""
     if not self.is_writer:
       return
     import matplotlib
@@ -127,13 +132,15 @@ class Reporter:
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax, label in (
       ('train_loss', loss_ax, 'train'),
+      ('val_loss', loss_ax, 'validation'),
       ('test_loss', loss_ax, 'test'),
       ('train_top1', acc_ax, 'train'),
+      ('val_top1', acc_ax, 'validation'),
       ('test_top1', acc_ax, 'test'),
     ):
       points = [(r['epoch'], r[key]) for r in self.history if key in r]
       if points:
-        ax.plot(*zip(*points, strict=True), marker='.' if key.startswith('test') else None, label=label)
+        ax.plot(*zip(*points, strict=True), marker=None if key.startswith('train') else '.', label=label)
     loss_ax.set(xlabel='epoch', ylabel='cross-entropy loss', yscale='log')
     acc_ax.set(xlabel='epoch', ylabel='top-1 accuracy')
     for ax in (loss_ax, acc_ax):

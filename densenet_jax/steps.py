@@ -5,7 +5,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
+
+from densenet_jax import registry
 
 
 class TrainState(train_state.TrainState):
@@ -18,6 +21,8 @@ class TrainState(train_state.TrainState):
 
   batch_stats: Any
   train_metrics: dict[str, jax.Array]
+  # With config.ema_decay: {'params', 'batch_stats'} averaged over the updates; {} without.
+  ema: dict[str, Any] = struct.field(default_factory=dict)
 
 
 def zero_train_metrics() -> dict[str, jax.Array]:
@@ -36,31 +41,114 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-  targets = jax.nn.one_hot(labels, logits.shape[-1])
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
+  return optax.softmax_cross_entropy(logits, smoothed_targets(labels, logits.shape[-1], label_smoothing))
+
+
+def smoothed_targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
+  targets = jax.nn.one_hot(labels, num_classes)
+  return optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
+
+
+def mix_batch(
+  key: jax.Array, images: jax.Array, targets: jax.Array, mixup_alpha: float, cutmix_alpha: float
+) -> tuple[jax.Array, jax.Array]:
+  """timm's batch-mode Mixup: each image mixed with the batch's reverse, the targets alike.
+
+  Mixup blends whole images with a weight lam ~ Beta(mixup_alpha, mixup_alpha); CutMix pastes a box
+  of area (1 - lam), lam ~ Beta(cutmix_alpha, cutmix_alpha), and lam becomes the uncovered share
+  (the box clipped at the border). With both alphas, each batch uses one or the other, evenly.
+  """
+  choice_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 4)
+  reversed_images, reversed_targets = jnp.flip(images, 0), jnp.flip(targets, 0)
+  height, width = images.shape[1:3]
+
+  def mixup():
+    lam = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha)
+    return (lam * images + (1 - lam) * reversed_images).astype(images.dtype), lam
+
+  def cutmix():
+    lam = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha)
+    ratio = jnp.sqrt(1 - lam)
+    center = jax.random.uniform(box_key, (2,)) * jnp.array([height, width])
+    half = jnp.array([height, width]) * ratio / 2
+    (top, left), (bottom, right) = (
+      jnp.clip(jnp.round(center - half), 0, jnp.array([height, width])).astype(jnp.int32),
+      jnp.clip(jnp.round(center + half), 0, jnp.array([height, width])).astype(jnp.int32),
+    )
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    mixed = jnp.where(inside[None, :, :, None], reversed_images, images)
+    return mixed, 1 - jnp.mean(inside.astype(jnp.float32))
+
+  if mixup_alpha and cutmix_alpha:
+    mixed, lam = jax.lax.cond(jax.random.bernoulli(choice_key), cutmix, mixup)
+  else:
+    mixed, lam = cutmix() if cutmix_alpha else mixup()
+  return mixed, lam * targets + (1 - lam) * reversed_targets
 
 
 def train_step(
-  state: TrainState, batch: dict[str, jax.Array], *, dropout_key: jax.Array, label_smoothing: float
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  dropout_key: jax.Array,
+  label_smoothing: float,
+  freeze_backbone: bool = False,
+  ema_decay: float = 0.0,
+  grad_accum_steps: int = 1,
+  mixup_alpha: float = 0.0,
+  cutmix_alpha: float = 0.0,
 ) -> TrainState:
-  """One SGD step on the global batch; metrics accumulate in `state.train_metrics`."""
+  """One step on the global batch; metrics accumulate in `state.train_metrics`.
+
+  Args:
+    state: the train state; its optimizer may apply the update only every `grad_accum_steps` steps
+      (`optax.MultiSteps`), BatchNorm's running statistics move every step.
+    batch: {'image', 'label'}.
+    dropout_key: folded with the step for each step's dropout.
+    label_smoothing: of the cross-entropy targets.
+    freeze_backbone: the model runs in inference mode (BatchNorm normalizes with, and keeps, its
+      running statistics; no dropout), as a torch user's `backbone.eval()`, and no gradient flows
+      into anything but the classifier.
+    ema_decay: > 0: `state.ema` moves towards the new params and batch_stats after each update.
+    grad_accum_steps: micro-batches per optimizer update (for the EMA's timing).
+    mixup_alpha, cutmix_alpha: > 0: the batch is mixed on the device (`mix_batch`), with a key
+      folded from the step; train top-1 is then against the unmixed labels.
+  """
+  train = not freeze_backbone
+  images = batch['image']
+  step_key = jax.random.fold_in(dropout_key, state.step)
+  num_classes = state.params['classifier']['kernel'].shape[-1]
+  targets = smoothed_targets(batch['label'], num_classes, label_smoothing)
+  if mixup_alpha or cutmix_alpha:
+    images, targets = mix_batch(jax.random.fold_in(step_key, 1), images, targets, mixup_alpha, cutmix_alpha)
 
   def loss_fn(params):
+    if freeze_backbone:
+      params = jax.tree_util.tree_map_with_path(
+        lambda path, p: p if registry.is_head(path) else jax.lax.stop_gradient(p), params
+      )
     logits, updates = state.apply_fn(
       {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
-      train=True,
-      mutable=['batch_stats'],
-      rngs={'dropout': jax.random.fold_in(dropout_key, state.step)},
+      images,
+      train=train,
+      mutable=['batch_stats'] if train else [],
+      rngs={'dropout': step_key},
     )
     logits = logits.astype(jnp.float32)
-    loss = jnp.mean(cross_entropy(logits, batch['label'], label_smoothing))
-    return loss, (logits, updates['batch_stats'])
+    loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    return loss, (logits, updates['batch_stats'] if train else state.batch_stats)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if ema_decay:
+    # After an optimizer update only: under accumulation the params move every grad_accum_steps.
+    updated = state.step % grad_accum_steps == 0
+    decay = jnp.where(updated, ema_decay, 1.0)
+    new = {'params': state.params, 'batch_stats': state.batch_stats}
+    state = state.replace(
+      ema=jax.tree.map(lambda e, x: (decay * e + (1 - decay) * x).astype(e.dtype), state.ema, new)
+    )
   metrics = state.train_metrics
   # A non-finite loss, or an update that made a parameter non-finite, marks the step (cheap
   # next to the step itself), so that no such state is ever checkpointed. One reduction over all
@@ -79,11 +167,17 @@ def train_step(
   )
 
 
+def eval_variables(state: TrainState) -> dict[str, Any]:
+  """What evaluation and export use: the EMA weights when the run keeps them, else the weights."""
+  return state.ema or {'params': state.params, 'batch_stats': state.batch_stats}
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Sums of loss, top-1 and top-5 hits and the example count over the real (mask=1) examples."""
-  logits = state.apply_fn(
-    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
-  )
+  """Sums of loss, top-1 and top-5 hits and the example count over the real (mask=1) examples.
+
+  With the EMA weights when the run keeps them (`eval_variables`).
+  """
+  logits = state.apply_fn(eval_variables(state), batch['image'], train=False)
   logits = logits.astype(jnp.float32)
   mask = batch['mask'].astype(jnp.float32)
   return {

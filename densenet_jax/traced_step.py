@@ -33,7 +33,14 @@ def jit_train_step(
   rate schedule); see `TracedStep`.
   """
   step = partial(
-    train_step, dropout_key=jax.random.key(config.seed + 1), label_smoothing=config.label_smoothing
+    train_step,
+    dropout_key=jax.random.key(config.seed + 1),
+    label_smoothing=config.label_smoothing,
+    freeze_backbone=config.freeze_backbone,
+    ema_decay=config.ema_decay,
+    grad_accum_steps=config.grad_accum_steps,
+    mixup_alpha=config.mixup_alpha,
+    cutmix_alpha=config.cutmix_alpha,
   )
   if not (config.keep_traced_step and config.compilation_cache_dir) or jax.process_count() > 1:
     return jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=replicated, donate_argnums=0)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import jax
@@ -38,7 +39,9 @@ from densenet_jax.registry import (
   ConfigError,
   create_model,
   create_optimizer,
+  learning_rate_scale,
   learning_rate_schedule,
+  update_plateau,
   validate_config,
 )
 from densenet_jax.reporting import Reporter, log, print_summary
@@ -93,18 +96,23 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setu
       f'{model.min_input_size()}x{model.min_input_size()} images.'
     )
   total_steps = config.total_steps or config.num_epochs * spec.steps_per_epoch
-  schedule = learning_rate_schedule(config, spec.steps_per_epoch, total_steps)
+  # The schedule counts optimizer updates: one per grad_accum_steps steps.
+  accumulation = config.grad_accum_steps
+  schedule = learning_rate_schedule(config, spec.steps_per_epoch / accumulation, total_steps // accumulation)
   tx = create_optimizer(config, schedule)
   image_shape = (1, config.image_size, config.image_size, spec.channels)
 
   def init() -> TrainState:
     variables = model.init(jax.random.key(config.seed), jnp.zeros(image_shape, model.dtype), train=False)
-    return TrainState.create(
-      apply_fn=model.apply,
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      train_metrics=zero_train_metrics(),
-      tx=tx,
+    return with_ema(
+      config,
+      TrainState.create(
+        apply_fn=model.apply,
+        params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        train_metrics=zero_train_metrics(),
+        tx=tx,
+      ),
     )
 
   abstract_state = jax.eval_shape(init)
@@ -126,6 +134,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setu
     abstract_state,
     create_state,
   )
+
+
+def with_ema(config: ml_collections.ConfigDict, state: TrainState) -> TrainState:
+  """`state` whose EMA (with config.ema_decay) starts at its weights, as timm's ModelEmaV2."""
+  if not config.ema_decay:
+    return state
+  return state.replace(ema=jax.tree.map(jnp.copy, {'params': state.params, 'batch_stats': state.batch_stats}))
 
 
 def init_from_variables(init_from: str) -> tuple[str, dict]:
@@ -183,7 +198,8 @@ def load_init_from(s: Setup, state: TrainState) -> TrainState:
     s.replicated,
   )
   log(f'Initialized from {path}.')
-  return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+  state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+  return jax.jit(partial(with_ema, s.config), out_shardings=s.replicated)(state)
 
 
 @jax.jit
@@ -191,25 +207,30 @@ def _add_sums(totals: dict[str, jax.Array], sums: dict[str, jax.Array]) -> dict[
   return jax.tree.map(jnp.add, totals, sums)
 
 
-def evaluate_state(s: Setup, eval_fn: Callable, state: TrainState) -> dict[str, float]:
-  """Loss, top-1 and top-5 on the whole eval split (each example once).
+def evaluate_state(
+  s: Setup, eval_fn: Callable, state: TrainState, validation: bool = False
+) -> dict[str, float]:
+  """Loss, top-1 and top-5 on the whole eval split (each example once): test_loss, ...
 
+  With `validation`, on the validation split held out of the train split instead: val_loss, ...
   The sums stay on the devices until the last batch: one host round-trip per evaluation.
   """
   batches = input_pipeline.eval_iterator(
-    s.config, s.builder, s.spec, jax.process_index(), jax.process_count()
+    s.config, s.builder, s.spec, jax.process_index(), jax.process_count(), validation=validation
   )
+  steps = s.spec.validation_steps if validation else s.spec.eval_steps
   totals = None
-  for batch in prefetch_to_device(batches, s.data_sharding, s.config.prefetch_to_device, s.spec.eval_steps):
+  for batch in prefetch_to_device(batches, s.data_sharding, s.config.prefetch_to_device, steps):
     sums = eval_fn(state, batch)
     totals = sums if totals is None else _add_sums(totals, sums)
   totals = {key: float(value) for key, value in to_host(totals).items()}
   count = max(totals['count'], 1.0)
+  prefix = 'val' if validation else 'test'
   return {
-    'test_loss': totals['loss'] / count,
-    'test_top1': totals['top1'] / count,
-    'test_top5': totals['top5'] / count,
-    'test_examples': int(totals['count']),
+    f'{prefix}_loss': totals['loss'] / count,
+    f'{prefix}_top1': totals['top1'] / count,
+    f'{prefix}_top5': totals['top5'] / count,
+    f'{prefix}_examples': int(totals['count']),
   }
 
 
@@ -260,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   )
   print_summary(s)
   if checkpoints is None:
-    checkpoints = Checkpoints(s.workdir, config.keep_checkpoints, convert.model_config(s.model))
+    checkpoints = new_checkpoints(s)
   start_step = int(to_host(state.step))
 
   # The learning rate schedule depends on the data's size, which is not in the config.
@@ -271,6 +292,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     out_shardings=s.replicated,
     donate_argnums=0,
   )
+  advance_plateau = jax.jit(
+    lambda state, loss: state.replace(opt_state=update_plateau(config, state.opt_state, loss)),
+    out_shardings=s.replicated,
+    donate_argnums=0,
+  )
+
+  def evaluate_splits(state: TrainState) -> dict[str, float]:
+    """The test split's metrics, and the validation split's when one is held out."""
+    metrics = evaluate_state(s, eval_fn, state)
+    if s.spec.num_validation_examples:
+      metrics.update(evaluate_state(s, eval_fn, state, validation=True))
+    return metrics
+
   reporter = Reporter(s, start_step)
   watcher = PreemptionWatcher(checkpoints.manager)
   last_train_metrics = None
@@ -296,15 +330,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     metrics = {
       'train_loss': float(sums['loss_sum']) / max(int(sums['steps']), 1),
       'train_top1': float(sums['top1_sum']) / max(int(sums['steps']), 1),
-      'learning_rate': float(s.schedule(step - 1)),
+      'learning_rate': float(s.schedule((step - 1) // config.grad_accum_steps))
+      * float(to_host(learning_rate_scale(state.opt_state))),
     }
     return reset_metrics(state), metrics
 
-  def save(state: TrainState) -> TrainState:
+  def save(state: TrainState, metrics: dict[str, float] | None = None) -> TrainState:
     """Checks the steps since the last report for non-finite losses, then saves."""
     if int(to_host(state.train_metrics['first_nonfinite_step'])) >= 0:
       report_train(state)  # Raises: never save a state that went non-finite.
-    checkpoints.save(state)
+    checkpoints.save(state, metrics)
     return state
 
   batches = prefetch_to_device(
@@ -330,12 +365,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         reporter.train(step, last_train_metrics)
       epoch_end = step % s.spec.steps_per_epoch == 0
       if (epoch_end and (step // s.spec.steps_per_epoch) % config.eval_every_epochs == 0) or is_last:
-        eval_metrics = evaluate_state(s, eval_fn, state)
+        eval_metrics = evaluate_splits(state)
+        if config.schedule == 'plateau':
+          state = advance_plateau(state, eval_metrics['val_loss'])
         reporter.eval(step, eval_metrics)
+        if config.best_checkpoint_metric:  # Every evaluated state is a candidate for the best.
+          save(state, eval_metrics)
       if step % config.checkpoint_every_steps == 0 or is_last:
         save(state)
     if start_step >= s.total_steps:  # Nothing left to train: report the finished state.
-      eval_metrics = evaluate_state(s, eval_fn, state)
+      eval_metrics = evaluate_splits(state)
+    best_step = checkpoints.best_step()
+    best = {}
+    if best_step is not None:
+      best = {
+        'best_step': best_step,
+        f'best_{config.best_checkpoint_metric}': checkpoints.manager.metrics(best_step)[
+          config.best_checkpoint_metric
+        ],
+      }
     checkpoints.close()
   finally:
     checkpoints.close()  # Also on errors: what was saved is complete on disk.
@@ -356,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     **eval_metrics,
     'param_checksum': param_checksum(state.params),
     'num_params': int(sum(np.size(x) for x in jax.tree.leaves(s.abstract_state.params))),
+    **best,
   }
   if jax.process_index() == 0:
     (s.workdir / 'final_metrics.json').write_text(json.dumps(final, indent=2) + '\n')
@@ -367,6 +416,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   return final
 
 
+def new_checkpoints(s: Setup) -> Checkpoints:
+  return Checkpoints(
+    s.workdir, s.config.keep_checkpoints, convert.model_config(s.model), s.config.best_checkpoint_metric
+  )
+
+
 def restore(s: Setup) -> tuple[Checkpoints | None, TrainState | None]:
   """The workdir's checkpoints (None if it has none yet) and the newest readable one's state.
 
@@ -375,7 +430,7 @@ def restore(s: Setup) -> tuple[Checkpoints | None, TrainState | None]:
   """
   if not (s.workdir / 'checkpoints').exists():
     return None, None
-  checkpoints = Checkpoints(s.workdir, s.config.keep_checkpoints, convert.model_config(s.model))
+  checkpoints = new_checkpoints(s)
   try:
     return checkpoints, checkpoints.restore_latest(s.abstract_state)
   except ConfigError:

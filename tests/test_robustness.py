@@ -71,6 +71,19 @@ def wait_for_step(process, workdir, step: int, checkpoint: int | None = None, ti
   raise TimeoutError(f'step {step} (checkpoint {checkpoint}) not reached in {timeout} s')
 
 
+def kill_then_rerun(args: list[str], workdir, step: int, checkpoint: int) -> int:
+  """Starts `train.py ARGS`, SIGKILLs it once it logged `step` with `checkpoint` committed, reruns
+  it to the end; returns the step the rerun resumed from."""
+  process = start_train(args, workdir.parent / f'{workdir.name}_killed.log')
+  killed_after = wait_for_step(process, workdir, step, checkpoint=checkpoint)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  assert killed_after < STEPS
+  result = run_train(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return int(result.stdout.split('Resuming from the checkpoint at step ')[1].split()[0])
+
+
 def test_two_runs_with_the_same_seed_give_identical_final_metrics(tmp_path, digits_data_dir, uninterrupted):
   result = run_train(*digits_args(tmp_path, digits_data_dir))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -81,20 +94,61 @@ def test_sigkill_mid_epoch_then_restart_ends_bit_for_bit_as_uninterrupted(
   tmp_path, digits_data_dir, uninterrupted
 ):
   args = digits_args(tmp_path, digits_data_dir)
-  process = start_train(args, tmp_path / 'killed.log')
   # Past the mid-epoch checkpoint at 30, and that checkpoint committed.
-  killed_after = wait_for_step(process, tmp_path, 35, checkpoint=30)
-  process.send_signal(signal.SIGKILL)
-  process.wait(timeout=60)
-  assert killed_after < STEPS
-  result = run_train(*args)
-  assert result.returncode == 0, result.stderr[-3000:]
-  resumed_from = int(result.stdout.split('Resuming from the checkpoint at step ')[1].split()[0])
+  resumed_from = kill_then_rerun(args, tmp_path, step=35, checkpoint=30)
   assert resumed_from in (30, 45) and resumed_from % 22 != 0  # mid-epoch
   assert final_metrics(tmp_path) == uninterrupted  # every field, bit for bit
   # The metrics history is the uninterrupted one too: nothing logged twice.
   steps = [r['step'] for r in read_metrics(tmp_path) if 'train_loss' in r]
   assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+
+# Every recipe of configs/default.py at once (issue: exact resume holds with all of them on).
+EVERY_RECIPE = (
+  '--config.optimizer=adamw',
+  '--config.learning_rate=0.003',
+  '--config.weight_decay=0.01',
+  '--config.schedule=plateau',
+  '--config.validation_fraction=0.1',  # 20 steps per epoch
+  '--config.plateau_patience=1',
+  '--config.label_smoothing=0.1',
+  '--config.mixup_alpha=0.2',
+  '--config.cutmix_alpha=1.0',
+  '--config.ema_decay=0.9',
+  '--config.grad_accum_steps=2',
+  '--config.grad_clip_norm=1.0',
+  '--config.best_checkpoint_metric=test_top1',
+  '--config.randaugment=(2, 9)',
+)
+
+
+def test_with_every_recipe_on_a_sigkill_mid_accumulation_then_restart_ends_as_uninterrupted(
+  tmp_path, digits_data_dir
+):
+  torch = optional_module('torch')
+  reference = tmp_path / 'uninterrupted'
+  result = run_train(*digits_args(reference, digits_data_dir, *EVERY_RECIPE))
+  assert result.returncode == 0, result.stderr[-3000:]
+  uninterrupted = final_metrics(reference)
+  workdir = tmp_path / 'killed'
+  args = digits_args(workdir, digits_data_dir, *EVERY_RECIPE)
+  # Past the checkpoint at 15: half of an update's two micro-batches are in it.
+  assert kill_then_rerun(args, workdir, step=20, checkpoint=15) in (15, 20, 30)
+  assert final_metrics(workdir) == uninterrupted  # every field, bit for bit
+  steps = [r['step'] for r in read_metrics(workdir) if 'train_loss' in r]
+  assert steps == sorted(set(steps)) and steps[-1] == STEPS
+  evals = [r for r in read_metrics(workdir) if 'val_loss' in r]
+  assert [r['step'] for r in evals] == [20, 40, 50]
+  # The best checkpoint by test top-1 is kept and named; the EMA weights export to torch.
+  best = uninterrupted['best_step']
+  assert uninterrupted['best_test_top1'] == max(r['test_top1'] for r in evals if r['step'] == best)
+  assert (workdir / 'checkpoints' / str(best)).is_dir()
+  for flag in ([], ['--ema']):
+    pth = tmp_path / f'final{"_ema" if flag else ""}.pth'
+    assert convert.main(['to-torch', *flag, str(workdir / 'checkpoints' / str(STEPS)), str(pth)]) == 0
+  weights = torch.load(tmp_path / 'final.pth')['features.conv0.weight']
+  ema_weights = torch.load(tmp_path / 'final_ema.pth')['features.conv0.weight']
+  assert not torch.equal(weights, ema_weights)
 
 
 def test_sigterm_saves_the_current_step_and_the_next_start_resumes_there(

@@ -12,6 +12,18 @@ CASES = {
   'unknown model': ([], ['--config.model=densenet122'], 1, 'config.model must be one of densenet121'),
   'unknown dataset': ([], ['--config.dataset=cifar11'], 1, "unknown dataset 'cifar11'"),
   'batch size vs devices': ([], ['--config.batch_size=60'], 8, 'not divisible by the 8 devices'),
+  'mean of another channel count': (
+    [],
+    ['--config.mean=(125.3, 123.0, 113.9)'],
+    1,
+    'config.mean has 3 values and the images of sklearn_digits have 1 channel',
+  ),
+  'plateau without a validation split': (
+    [],
+    ['--config.schedule=plateau'],
+    1,
+    'set config.validation_fraction',
+  ),
   'imagenet2012 without its files': (
     ['--config=configs/densenet121.py'],
     [],
