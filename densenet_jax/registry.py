@@ -84,6 +84,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'config.randaugment={randaugment!r} must be (layers, magnitude) with layers >= 1 and magnitude in '
       "[0, 10], e.g. '(2, 9)' (timm's rand-m9-n2), or () for none."
     )
+  metrics = [f'{split}_{name}' for split in ('test', 'val') for name in ('top1', 'top5', 'loss')]
+  if config.best_checkpoint_metric and config.best_checkpoint_metric not in metrics:
+    raise ConfigError(
+      f'config.best_checkpoint_metric={config.best_checkpoint_metric!r} is not an eval metric: use one of '
+      f"{', '.join(map(repr, metrics))}, or '' to keep only the newest checkpoints."
+    )
+  if config.best_checkpoint_metric.startswith('val_') and not config.validation_fraction:
+    raise ConfigError(
+      f'config.best_checkpoint_metric={config.best_checkpoint_metric!r} needs a validation split: set '
+      'config.validation_fraction (e.g. 0.1).'
+    )
   if not 0 <= config.ema_decay < 1:
     raise ConfigError(f'config.ema_decay={config.ema_decay} must be in [0, 1) (0 disables the EMA).')
   devices = jax.device_count()

@@ -489,3 +489,18 @@ def test_randaugment_batches_are_a_function_of_seed_epoch_and_example(digits_bui
   without = batches(0, 1, plain)
   assert not np.array_equal(without[0]['image'], run[0]['image'])
   np.testing.assert_array_equal(without[0]['label'], run[0]['label'])  # the same examples, augmented
+
+
+@pytest.mark.parametrize(
+  ('overrides', 'message'),
+  [
+    ({'best_checkpoint_metric': 'top1'}, "'top1' is not an eval metric: use one of 'test_top1'"),
+    ({'best_checkpoint_metric': 'val_loss'}, 'needs a validation split: set config.validation_fraction'),
+    ({'randaugment': (2, 11)}, r'must be \(layers, magnitude\)'),
+    ({'freeze_backbone': True, 'backbone_lr_multiplier': 0.1}, 'a frozen backbone has no learning rate'),
+    ({'grad_accum_steps': 0}, 'grad_accum_steps must be a positive integer'),
+  ],
+)
+def test_a_recipe_set_wrong_is_a_config_error_naming_the_fix(overrides, message):
+  with pytest.raises(registry.ConfigError, match=message):
+    registry.validate_config(config_with(**overrides))
