@@ -32,7 +32,7 @@ def config_with(**overrides) -> ml_collections.ConfigDict:
 
 def tiny_state(config: ml_collections.ConfigDict, num_classes: int = 3) -> steps.TrainState:
   model = DenseNet(**TINY, num_classes=num_classes)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   schedule = registry.learning_rate_schedule(config, 10, 100)
   state = steps.TrainState.create(
     apply_fn=model.apply,
@@ -141,7 +141,7 @@ def test_grad_accumulation_updates_every_k_steps_with_the_mean_gradient_and_ema_
       )
       return jnp.mean(steps.cross_entropy(logits, images_labels['label'], 0.0))
 
-    return jax.grad(loss)(state0.params)
+    return jax.jit(jax.grad(loss))(state0.params)
 
   mean_grad = jax.tree.map(
     lambda a, b: (a + b) / 2, grads_on(first, state0.batch_stats), grads_on(second, after_one.batch_stats)
@@ -232,7 +232,7 @@ def grads_of(state: steps.TrainState) -> dict:
     )
     return jnp.mean(steps.cross_entropy(logits, batch(1)['label'], 0.0))
 
-  return jax.grad(loss)(state.params)
+  return jax.jit(jax.grad(loss))(state.params)
 
 
 def test_the_backbone_learning_rate_multiplier_scales_only_the_backbone_updates():
