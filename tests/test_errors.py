@@ -48,7 +48,8 @@ def test_image_too_small_for_the_downsampling():
     ({'block_config': (6, 0)}, 'every entry of block_config must be a positive integer'),
     ({'compression': 0.0}, r'compression must be in \(0, 1\]'),
     ({'drop_rate': 1.0}, r'drop_rate must be in \[0, 1\)'),
-    ({'stem': 'resnet'}, "stem must be 'imagenet' or 'cifar'"),
+    ({'stem': 'resnet'}, "stem must be 'imagenet', 'deep' or 'cifar'"),
+    ({'stem': 'cifar', 'blur_pool': True}, "the 'cifar' stem has none: use stem='deep' or 'imagenet'"),
     ({'num_classes': 0}, 'num_classes must be a positive integer'),
   ],
 )
