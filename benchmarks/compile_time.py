@@ -31,7 +31,7 @@ def worker(args) -> dict:
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from densenet_jax import train_lib
+  from densenet_jax import steps, train_lib
 
   jax.config.update('jax_compilation_cache_dir', args.cache_dir)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
@@ -46,17 +46,7 @@ def worker(args) -> dict:
   mesh = Mesh(jax.devices(), ('data',))
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
-  def init():
-    variables = model.init(jax.random.key(0), jnp.zeros((1, args.size, args.size, 3)), train=False)
-    return train_lib.TrainState.create(
-      apply_fn=model.apply,
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      train_metrics=train_lib.zero_train_metrics(),
-      tx=tx,
-    )
-
-  state = jax.eval_shape(init)
+  state = jax.eval_shape(lambda: steps.create_train_state(model, tx, (1, args.size, args.size, 3)))
   batch = {
     'image': jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32),
     'label': jax.ShapeDtypeStruct((args.batch,), jnp.int32),

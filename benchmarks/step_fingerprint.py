@@ -46,19 +46,9 @@ def main() -> None:
   tx = registry.create_optimizer(config, registry.learning_rate_schedule(config, 10, 100))
   size = config.image_size
 
-  def init():
-    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, args.channels)), train=False)
-    return steps.TrainState.create(
-      apply_fn=model.apply,
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      train_metrics=steps.zero_train_metrics(),
-      tx=tx,
-    )
-
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  state = jax.eval_shape(init)
+  state = jax.eval_shape(lambda: steps.create_train_state(model, tx, (1, size, size, args.channels)))
   batch = {
     'image': jax.ShapeDtypeStruct((config.batch_size, size, size, args.channels), jnp.float32),
     'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),

@@ -25,6 +25,20 @@ class TrainState(train_state.TrainState):
   ema: dict[str, Any] = struct.field(default_factory=dict)
 
 
+def create_train_state(
+  model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...], seed: int = 0
+) -> TrainState:
+  """A fresh train state: `model` initialized from `seed` for images of `image_shape` (NHWC)."""
+  variables = model.init(jax.random.key(seed), jnp.zeros(image_shape, model.dtype), train=False)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    train_metrics=zero_train_metrics(),
+    tx=tx,
+  )
+
+
 def zero_train_metrics() -> dict[str, jax.Array]:
   return {
     'loss_sum': jnp.zeros((), jnp.float32),

@@ -46,7 +46,7 @@ from densenet_jax.registry import (
 )
 from densenet_jax.reporting import Reporter, log, print_summary
 from densenet_jax.sharding import global_batch, param_checksum, replicate, to_host
-from densenet_jax.steps import TrainState, eval_step, train_step, zero_train_metrics
+from densenet_jax.steps import TrainState, create_train_state, eval_step, train_step, zero_train_metrics
 from densenet_jax.torchvision_port import from_torchvision
 from densenet_jax.traced_step import TracedStep, jit_train_step
 
@@ -103,17 +103,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setu
   image_shape = (1, config.image_size, config.image_size, spec.channels)
 
   def init() -> TrainState:
-    variables = model.init(jax.random.key(config.seed), jnp.zeros(image_shape, model.dtype), train=False)
-    return with_ema(
-      config,
-      TrainState.create(
-        apply_fn=model.apply,
-        params=variables['params'],
-        batch_stats=variables['batch_stats'],
-        train_metrics=zero_train_metrics(),
-        tx=tx,
-      ),
-    )
+    return with_ema(config, create_train_state(model, tx, image_shape, config.seed))
 
   abstract_state = jax.eval_shape(init)
   abstract_state = jax.tree.map(

@@ -144,6 +144,18 @@ def start_train(args, log_path, devices: int = 1, env: dict | None = None) -> su
     )
 
 
+def quick(config, data_dir, **overrides):
+  """`config` shortened to a few steps (batches of 8), logging every step, no progress bar."""
+  config.data_dir = str(data_dir)
+  config.batch_size = config.eval_batch_size = 8
+  config.total_steps = 3
+  config.log_every_steps = 1
+  config.progress_bar = False
+  config.compilation_cache_dir = ''
+  config.update(overrides)
+  return config
+
+
 def read_metrics(workdir: pathlib.Path) -> list[dict]:
   """WORKDIR/metrics.jsonl as a list of records."""
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import DATA, optional_module, read_metrics, section
+from conftest import DATA, optional_module, quick, read_metrics, section
 
 from configs import cifar10_adamw, default, digits, fashion_mnist, finetune
 from densenet_jax import convert, from_torchvision, input_pipeline, registry, steps, train_lib
@@ -32,15 +32,8 @@ def config_with(**overrides) -> ml_collections.ConfigDict:
 
 def tiny_state(config: ml_collections.ConfigDict, num_classes: int = 3) -> steps.TrainState:
   model = DenseNet(**TINY, num_classes=num_classes)
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-  schedule = registry.learning_rate_schedule(config, 10, 100)
-  state = steps.TrainState.create(
-    apply_fn=model.apply,
-    params=variables['params'],
-    batch_stats=variables['batch_stats'],
-    train_metrics=steps.zero_train_metrics(),
-    tx=registry.create_optimizer(config, schedule),
-  )
+  tx = registry.create_optimizer(config, registry.learning_rate_schedule(config, 10, 100))
+  state = jax.jit(lambda: steps.create_train_state(model, tx, (1, 8, 8, 1)))()
   return train_lib.with_ema(config, state)
 
 
@@ -373,16 +366,7 @@ def test_the_fashion_mnist_config_trains_end_to_end_on_mock_data(tmp_path):
     functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, 96, 96, 1))
   )
   assert config.model == 'densenet121' and shapes['params']['conv0']['kernel'].shape == (7, 7, 1, 64)
-  config.update(
-    data_dir=str(tmp_path / 'data'),
-    model='densenet',
-    model_kwargs=ml_collections.ConfigDict(TINY),
-    batch_size=8,
-    eval_batch_size=8,
-    total_steps=3,
-    progress_bar=False,
-    compilation_cache_dir='',
-  )
+  quick(config, tmp_path / 'data', model='densenet', model_kwargs=ml_collections.ConfigDict(TINY))
   with tfds.testing.mock_data(num_examples=24):
     s = train_lib.setup(config, tmp_path / 'run')
     batch = next(input_pipeline.train_iterator(config, s.builder, s.spec, 0, 0, 1, end_step=1))
@@ -405,8 +389,9 @@ def test_finetuning_a_frozen_backbone_from_a_converted_checkpoint_on_a_new_class
   kwargs = json.loads((DATA / 'tiny_densenet_torchvision.json').read_text())[
     'torchvision.models.DenseNet kwargs'
   ]
-  config = finetune.get_config()
-  config.update(
+  config = quick(
+    finetune.get_config(),
+    tmp_path / 'data',
     init_from=str(tmp_path / 'tiny_torchvision'),
     freeze_backbone=True,
     model='densenet',
@@ -416,12 +401,6 @@ def test_finetuning_a_frozen_backbone_from_a_converted_checkpoint_on_a_new_class
     dataset='cifar100',  # 100 classes: the classifier is new
     eval_split='test',
     image_size=48,
-    data_dir=str(tmp_path / 'data'),
-    batch_size=8,
-    eval_batch_size=8,
-    total_steps=3,
-    progress_bar=False,
-    compilation_cache_dir='',
   )
   with tfds.testing.mock_data(num_examples=16):
     train_lib.train_and_evaluate(config, tmp_path / 'run')

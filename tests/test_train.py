@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from conftest import DATA, XLA_CACHE, optional_module, read_metrics, run_train, section, start_train
+from conftest import DATA, XLA_CACHE, optional_module, quick, read_metrics, run_train, section, start_train
 
 from configs import cifar10, densenet121
 from densenet_jax import convert, from_torchvision, train_lib
@@ -16,18 +16,6 @@ tfds = optional_module('tensorflow_datasets')
 
 # A DenseNet small enough to compile in seconds, for runs of the full-size configs.
 TINY = {'growth_rate': 4, 'block_config': (1, 1), 'num_init_features': 8, 'bn_size': 2}
-
-
-def quick(config: ml_collections.ConfigDict, data_dir, **overrides) -> ml_collections.ConfigDict:
-  """`config` shortened to a few steps, logging every step, no progress bar."""
-  config.data_dir = str(data_dir)
-  config.batch_size = config.eval_batch_size = 8
-  config.total_steps = 3
-  config.log_every_steps = 1
-  config.progress_bar = False
-  config.compilation_cache_dir = ''
-  config.update(overrides)
-  return config
 
 
 @pytest.mark.parametrize('config_module', [cifar10, densenet121], ids=['cifar10', 'imagenet2012'])
