@@ -95,19 +95,21 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   if not isinstance(config, config_dict.ConfigDict):
     fail(f'cannot load the config file {flags.FLAGS["config"].config_filename!r}: {config!r}.', 2)
-  # train_lib prints the progress; absl logging (orbax's, JAX's) only for warnings, unless asked.
+  # The loop prints the progress; absl logging (orbax's, JAX's) only for warnings, unless asked.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
 
   import jax
 
-  from densenet_jax import input_pipeline, train_lib
   from densenet_jax.torchvision_port import StateDictError
+  from densenet_jax.train import distributed, input_pipeline, loop
+  from densenet_jax.train.checkpoints import SIGTERM_EXIT_CODE, Preempted
+  from densenet_jax.train.registry import ConfigError
   from densenet_jax.weights import PretrainedError
 
-  distributed = False
+  is_distributed = False
   try:
-    distributed = train_lib.initialize_distributed(config)
+    is_distributed = distributed.initialize_distributed(config)
     if config.compilation_cache_dir:
       jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
     import tensorflow as tf
@@ -119,22 +121,22 @@ def main(argv: list[str]) -> None:
     gc.freeze()
     try:
       if config.mode == 'eval':
-        train_lib.evaluate(config, _WORKDIR.value)
+        loop.evaluate(config, _WORKDIR.value)
       else:
-        train_lib.train_and_evaluate(config, _WORKDIR.value)
+        loop.train_and_evaluate(config, _WORKDIR.value)
     finally:
-      if distributed:
+      if is_distributed:
         jax.distributed.shutdown()  # Together, now: left to exit, it waits out a timeout.
-  except train_lib.Preempted as preempted:
+  except Preempted as preempted:
     print(
       f'SIGTERM: saved a checkpoint at step {preempted.step} in {_WORKDIR.value}; '
       'run the same command to resume.',
       file=sys.stderr,
     )
-    sys.exit(train_lib.SIGTERM_EXIT_CODE)
+    sys.exit(SIGTERM_EXIT_CODE)
   except (
-    train_lib.ConfigError,
-    train_lib.TrainingError,
+    ConfigError,
+    loop.TrainingError,
     input_pipeline.DataError,
     StateDictError,
     PretrainedError,

@@ -4,7 +4,7 @@
   python benchmarks/compile_time.py --config configs/cifar10.py --batch 64
 
 Times the train step exactly as `train.py` builds it from the config
-(`train_lib.jit_train_step`: model, optimizer, shardings, donation, caches), twice over: with the
+(`traced_step.jit_train_step`: model, optimizer, shardings, donation, caches), twice over: with the
 defaults (XLA's persistent cache alone) and with `config.keep_traced_step` (the traced step kept
 too, `jax.export`). Each measurement runs in a fresh process: the first with an empty cache
 directory (cold: trace, lower, XLA compile, caches written), the next ones with what the first wrote
@@ -31,7 +31,7 @@ def worker(args) -> dict:
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from densenet_jax import steps, train_lib
+  from densenet_jax.train import registry, steps, traced_step
 
   jax.config.update('jax_compilation_cache_dir', args.cache_dir)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
@@ -41,8 +41,8 @@ def worker(args) -> dict:
   config = config_module.get_config()
   config.batch_size = args.batch
   config.image_size = args.size
-  model = train_lib.create_model(config, args.num_classes)
-  tx = train_lib.create_optimizer(config, lambda step: config.learning_rate)
+  model = registry.create_model(config, args.num_classes)
+  tx = registry.create_optimizer(config, lambda step: config.learning_rate)
   mesh = Mesh(jax.devices(), ('data',))
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
@@ -53,7 +53,7 @@ def worker(args) -> dict:
   }
   config.compilation_cache_dir = args.cache_dir  # Where train.py keeps the traced step too,
   config.keep_traced_step = args.keep_traced_step  # when asked to.
-  step = train_lib.jit_train_step(config, replicated, data_sharding)
+  step = traced_step.jit_train_step(config, replicated, data_sharding)
   gc.freeze()  # As train.py does after its imports.
   start = time.perf_counter()
   lowered = step.lower(state, batch)

@@ -16,7 +16,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from configs import digits  # noqa: E402
-from densenet_jax import input_pipeline, train_lib  # noqa: E402
+from densenet_jax.train import input_pipeline, setup, steps  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +27,8 @@ def main() -> None:
   args = parser.parse_args()
   config = digits.get_config()
   config.data_dir = args.data_dir
-  s = train_lib.setup(config, '/tmp/unused')
-  step = jax.jit(partial(train_lib.train_step, dropout_key=jax.random.key(1), label_smoothing=0.0))
+  s = setup.setup(config, '/tmp/unused')
+  step = jax.jit(partial(steps.train_step, dropout_key=jax.random.key(1), label_smoothing=0.0))
   reference = s.create_state()
   noise_keys = iter(jax.random.split(jax.random.key(5), len(jax.tree.leaves(reference.params))))
   perturbed = reference.replace(
@@ -42,7 +42,7 @@ def main() -> None:
     for name, state in (('reference', reference), ('perturbed', perturbed)):
       state = step(state, batch)
       losses.append(float(state.train_metrics['loss_sum']))
-      state = state.replace(train_metrics=train_lib.zero_train_metrics())
+      state = state.replace(train_metrics=steps.zero_train_metrics())
       reference, perturbed = (state, perturbed) if name == 'reference' else (reference, state)
     print(
       f'step {index + 1:3d}: loss {losses[0]:.6f}, '

@@ -38,8 +38,8 @@ def main() -> None:
   parser.add_argument('--num-classes', type=int, default=10)
   parser.add_argument('--channels', type=int, default=1)
   args = parser.parse_args()
-  from densenet_jax import registry, steps
-  from densenet_jax.traced_step import jit_train_step
+  from densenet_jax.train import registry, steps
+  from densenet_jax.train.traced_step import jit_train_step
 
   config = importlib.import_module(f'configs.{args.config}').get_config()
   model = registry.create_model(config, args.num_classes)

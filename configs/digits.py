@@ -1,7 +1,7 @@
 """Quickstart: a small DenseNet-BC on the UCI handwritten digits that ship with scikit-learn.
 
 Real data, no download: 1,438 train and 359 held-out test images of 8x8 pixels
-(`densenet_jax.datasets.sklearn_digits`, prepared by TFDS in about a second) through the
+(`densenet_jax.train.datasets.sklearn_digits`, prepared by TFDS in about a second) through the
 same input pipeline as CIFAR and ImageNet. DenseNet-BC L=40 k=12 with a 3x3 stem,
 1-pixel pad-and-crop augmentation (no flip: digits are not mirror-symmetric).
 

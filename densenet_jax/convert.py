@@ -15,7 +15,6 @@ import os
 import sys
 from typing import Any
 
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -25,28 +24,10 @@ from densenet_jax.torchvision_port import (
   StateDictError,
   config_from_variables,
   from_torchvision,
+  import_torch,
+  load_pth,
   to_torchvision,
 )
-
-
-def _import_torch():
-  try:
-    import torch
-  except ImportError as error:
-    raise SystemExit(
-      'error: reading and writing .pth files needs PyTorch: pip install "densenet-jax[torch]"'
-    ) from error
-  return torch
-
-
-def load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The state dict in a .pth file, as numpy arrays (a {'state_dict': ...} wrapper is opened)."""
-  torch = _import_torch()
-  with as_path(path).open('rb') as f:
-    state_dict = torch.load(f, map_location='cpu', weights_only=True)
-  if isinstance(state_dict, dict) and isinstance(state_dict.get('state_dict'), dict):
-    state_dict = state_dict['state_dict']
-  return {key: value.detach().cpu().numpy() for key, value in state_dict.items()}
 
 
 def model_config(model: DenseNet) -> dict[str, Any]:
@@ -126,7 +107,7 @@ def pth_to_checkpoint(pth: str | os.PathLike, directory: str | os.PathLike) -> D
 
 def checkpoint_to_pth(directory: str | os.PathLike, pth: str | os.PathLike, ema: bool = False) -> None:
   """Writes a checkpoint's variables (or its EMA's) as a torchvision state dict (.pth); never overwrites."""
-  torch = _import_torch()
+  torch = import_torch()
   pth = as_path(pth)
   if pth.exists():
     raise FileExistsError(f'{pth} exists; choose a new file name (nothing was overwritten).')

@@ -79,7 +79,7 @@ class DenseLayer(nn.Module):
 
     Args:
       features: the earlier feature maps, or what the kernel set's BatchNorm takes for their
-        concatenation (the CPU set's dense block passes `ops.cpu_batch_norm.Centered`).
+        concatenation (the CPU set's dense block passes `ops.cpu_centered.Centered`).
     """
     x = jnp.concatenate(features, axis=-1) if isinstance(features, list | tuple) else features
     return self.conv1(self.norm1(x))

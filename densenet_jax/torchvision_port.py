@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from densenet_jax.models import DenseNet
+from densenet_jax.paths import as_path
 
 # torchvision's own fix-up for its published files: 'denselayer1.norm.1.weight' -> 'norm1'.
 _LEGACY_KEY = re.compile(
@@ -117,8 +118,6 @@ def from_torchvision(
       `model`) a missing, left-over or wrongly shaped one. The message names them.
   """
   if isinstance(state_dict, str | os.PathLike):
-    from densenet_jax.weights import load_state_dict
-
     state_dict = load_state_dict(state_dict)
   flat = {}
   foreign = []
@@ -287,3 +286,38 @@ def to_torchvision(variables: Mapping[str, Any], num_batches_tracked: int = 0) -
       state_dict[f'{prefix}.running_var'] = np.array(stats[(*module, 'var')], np.float32)
       state_dict[f'{prefix}.num_batches_tracked'] = np.array(num_batches_tracked, np.int64)
   return state_dict
+
+
+def import_torch():
+  """torch, or a SystemExit naming the install command (torch is optional: only .pth files need it)."""
+  try:
+    import torch
+  except ImportError as error:
+    raise SystemExit(
+      'error: reading and writing .pth files needs PyTorch: pip install "densenet-jax[torch]"'
+    ) from error
+  return torch
+
+
+def load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The state dict in a .pth file, as numpy arrays (a {'state_dict': ...} wrapper is opened)."""
+  torch = import_torch()
+  with as_path(path).open('rb') as f:
+    state_dict = torch.load(f, map_location='cpu', weights_only=True)
+  if isinstance(state_dict, dict) and isinstance(state_dict.get('state_dict'), dict):
+    state_dict = state_dict['state_dict']
+  return {key: value.detach().cpu().numpy() for key, value in state_dict.items()}
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A torchvision-layout state dict from a file: `.safetensors` without torch, `.pth` with it."""
+  path = as_path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist.')
+  if path.suffix == '.safetensors':
+    from safetensors.numpy import load
+
+    return load(path.read_bytes())
+  if path.suffix in ('.pth', '.pt', '.bin'):
+    return load_pth(path)
+  raise StateDictError(f'{path}: a state dict file must end in .safetensors (no torch needed) or .pth.')

@@ -28,8 +28,11 @@ from densenet_jax.models import (
   DenseNet201,
   dense_kernel_init,
 )
-from densenet_jax.paths import as_path
-from densenet_jax.torchvision_port import StateDictError, config_from_variables, from_torchvision
+from densenet_jax.torchvision_port import (
+  config_from_variables,
+  from_torchvision,
+  load_state_dict,
+)
 
 FILENAME = 'model.safetensors'
 HUB_PREFIX = 'hf-hub:'
@@ -100,22 +103,6 @@ def download(name: str, *, revision: str | None = None, cache_dir: str | os.Path
     raise PretrainedError(
       f'downloading {repo_id}/{FILENAME} failed ({reason}); run again to resume.'
     ) from error
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """A torchvision-layout state dict from a file: `.safetensors` without torch, `.pth` with it."""
-  path = as_path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist.')
-  if path.suffix == '.safetensors':
-    from safetensors.numpy import load
-
-    return load(path.read_bytes())
-  if path.suffix in ('.pth', '.pt', '.bin'):
-    from densenet_jax.convert import load_pth
-
-    return load_pth(path)
-  raise StateDictError(f'{path}: a state dict file must end in .safetensors (no torch needed) or .pth.')
 
 
 def pretrained(

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import densenet_jax
-from densenet_jax import steps
+from densenet_jax.train import steps
 
 shard_map = getattr(jax, 'shard_map', None)
 if shard_map is None:  # JAX before shard_map left experimental.
@@ -59,7 +59,7 @@ def data():
 
 
 def variables_for(model, images):
-  variables = model.init(jax.random.key(2), images[:1], train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(2), images[:1])
   # Scale, bias and running averages away from their initial values.
   noise = functools.partial(jax.random.uniform, jax.random.key(3))
   return jax.tree.map(lambda a: a + 0.5 * noise(a.shape, a.dtype), variables)

@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,8 +17,12 @@ import densenet_jax
 
 DATA = pathlib.Path(__file__).parent / 'data'
 REPO = pathlib.Path(__file__).parents[1]
-# One persistent XLA cache for the session's train.py runs: the same program compiles once.
-XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / f'densenet_jax_tests_xla_cache_{os.getpid()}'
+# One persistent XLA cache for the whole test run, its train.py processes and pytest-xdist's workers
+# (which inherit the variable from the process that starts them): the same program compiles once.
+if 'DENSENET_JAX_TESTS_XLA_CACHE' not in os.environ:
+  os.environ['DENSENET_JAX_TESTS_XLA_CACHE'] = tempfile.mkdtemp(prefix='densenet_jax_tests_xla_cache_')
+XLA_CACHE = pathlib.Path(os.environ['DENSENET_JAX_TESTS_XLA_CACHE'])
+jax.config.update('jax_compilation_cache_dir', str(XLA_CACHE))
 # The float64 context manager: jax.enable_x64 on current JAX, in experimental before.
 enable_x64 = jax.enable_x64 if hasattr(jax, 'enable_x64') else jax.experimental.enable_x64
 # Every kernel set: the fidelity tests run for each (`densenet_jax.ops`).
@@ -100,7 +105,7 @@ def max_relative_error(actual, expected) -> float:
 def digits_data_dir(tmp_path_factory) -> pathlib.Path:
   """A TFDS data_dir with sklearn_digits prepared (from scikit-learn's own files: offline)."""
   tfds = optional_module('tensorflow_datasets')
-  import densenet_jax.datasets  # noqa: F401  (registers sklearn_digits)
+  import densenet_jax.train.datasets  # noqa: F401  (registers sklearn_digits)
 
   data_dir = tmp_path_factory.mktemp('tensorflow_datasets')
   tfds.builder('sklearn_digits', data_dir=str(data_dir)).download_and_prepare()
@@ -161,9 +166,7 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-@pytest.fixture(scope='session', autouse=True)
-def _remove_xla_cache():
-  yield
-  import shutil
-
-  shutil.rmtree(XLA_CACHE, ignore_errors=True)
+def pytest_unconfigure(config):
+  """The run's XLA cache goes with the run, removed by the process that made it (not a worker)."""
+  if not hasattr(config, 'workerinput'):
+    shutil.rmtree(XLA_CACHE, ignore_errors=True)

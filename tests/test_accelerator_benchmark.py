@@ -4,9 +4,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import KERNELS, REPO
 
 
+@pytest.mark.slow  # a process that compiles train and eval steps per kernel set
 def test_tiny_run_prints_a_row_per_kernel_set():
   # bfloat16 only, to keep the suite short: float32 takes the same code path with another dtype.
   result = subprocess.run(

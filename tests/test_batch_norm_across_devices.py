@@ -12,6 +12,9 @@ import sys
 import pytest
 from conftest import KERNELS, REPO
 
+# One process with 4 devices that compiles each check for each kernel set: the full suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def results() -> dict:

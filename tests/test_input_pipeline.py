@@ -12,7 +12,7 @@ from conftest import optional_module
 tfds = optional_module('tensorflow_datasets')
 
 from configs import cifar10, densenet121, digits  # noqa: E402
-from densenet_jax import input_pipeline  # noqa: E402
+from densenet_jax.train import input_pipeline, preprocess  # noqa: E402
 
 
 def digits_config(data_dir, **overrides):
@@ -148,6 +148,6 @@ def test_inception_crop_covers_the_configured_area_range():
       use_image_if_no_bounding_boxes=True,
     )
     areas.append(float(size[0] * size[1]) / (300 * 400))
-    out = input_pipeline.preprocess_train(config, encoded, 3, seed)
+    out = preprocess.preprocess_train(config, encoded, 3, seed)
     assert out.shape == (224, 224, 3)
   assert 0.08 <= min(areas) < 0.4 and max(areas) > 0.7

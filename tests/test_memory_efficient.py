@@ -95,6 +95,7 @@ def train_step_temp_bytes(model, batch=4, size=8):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # six compilations of up to 32 layers
 def test_memory_grows_linearly_with_depth(kernels='cpu'):
   """One dense block of 8, 16 and 32 layers: what each doubling of depth adds.
 

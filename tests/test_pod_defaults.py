@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, optional_module
 
 from configs import digits, gpu, tpu
-from densenet_jax import input_pipeline, train_lib
+from densenet_jax.train import distributed, input_pipeline, loop, registry, setup, sharding, steps
 
 tfds = optional_module('tensorflow_datasets')
 
@@ -28,22 +28,20 @@ def digits_config(data_dir, **overrides) -> ml_collections.ConfigDict:
 
 def test_an_evaluation_fetches_its_metrics_from_the_devices_once(digits_data_dir, monkeypatch):
   config = digits_config(digits_data_dir, eval_batch_size=40)  # 9 batches for 359 images
-  s = train_lib.setup(config, '/unused')
+  s = setup.setup(config, '/unused')
   state = s.create_state()
-  eval_fn = jax.jit(
-    train_lib.eval_step, in_shardings=(s.replicated, s.data_sharding), out_shardings=s.replicated
-  )
+  eval_fn = jax.jit(steps.eval_step, in_shardings=(s.replicated, s.data_sharding), out_shardings=s.replicated)
   fetches = []
-  to_host = train_lib.to_host
+  to_host = sharding.to_host
 
   def counted_to_host(tree):
     fetches.append(tree)
     with jax.transfer_guard_device_to_host('allow'):
       return to_host(tree)
 
-  monkeypatch.setattr(train_lib, 'to_host', counted_to_host)
+  monkeypatch.setattr(loop, 'to_host', counted_to_host)
   with jax.transfer_guard_device_to_host('disallow'):  # any other fetch raises
-    metrics = train_lib.evaluate_state(s, eval_fn, state)
+    metrics = loop.evaluate_state(s, eval_fn, state)
   assert s.spec.eval_steps == 9 and len(fetches) == 1
   assert metrics['test_examples'] == 359 and 0 <= metrics['test_top1'] <= 1
 
@@ -62,7 +60,7 @@ def test_batches_leave_the_host_in_the_compute_dtype(digits_data_dir, half_preci
 
 
 def test_a_per_device_batch_sets_the_global_batches(digits_data_dir):
-  s = train_lib.setup(digits_config(digits_data_dir, per_device_batch_size=16), '/unused')
+  s = setup.setup(digits_config(digits_data_dir, per_device_batch_size=16), '/unused')
   assert s.config.batch_size == s.config.eval_batch_size == 16 * jax.device_count()
   for module in (tpu, gpu):
     config = module.get_config()
@@ -94,7 +92,7 @@ def test_the_huge_page_re_exec_is_only_for_the_cpu(tmp_path, platforms, plugin, 
 def test_tensorboard_reads_the_event_files(tmp_path):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-  from densenet_jax.reporting import TensorBoardScalars
+  from densenet_jax.train.reporting import TensorBoardScalars
 
   first = TensorBoardScalars(tmp_path, start_step=0)
   for step in (1, 2, 3):
@@ -114,11 +112,11 @@ def test_tensorboard_reads_the_event_files(tmp_path):
   'env', [{'JAX_NUM_PROCESSES': '2'}, {'JAX_COORDINATOR_ADDRESS': 'localhost:1234', 'JAX_PROCESS_ID': '0'}]
 )
 def test_a_partly_told_multi_process_run_is_one_error_line_naming_what_is_missing(monkeypatch, env):
-  for name in train_lib.DISTRIBUTED_ENVIRONMENT:
+  for name in distributed.DISTRIBUTED_ENVIRONMENT:
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   with pytest.raises(
-    train_lib.ConfigError, match=r'needs the coordinator.*JAX_COORDINATOR_ADDRESS, JAX_NUM_PRO'
+    registry.ConfigError, match=r'needs the coordinator.*JAX_COORDINATOR_ADDRESS, JAX_NUM_PRO'
   ):
-    train_lib.initialize_distributed(digits.get_config())
+    distributed.initialize_distributed(digits.get_config())

@@ -196,7 +196,8 @@ def test_the_finetune_config_starts_from_pretrained_weights_and_eval_mode_evalua
   from huggingface_hub import constants
 
   from configs import finetune
-  from densenet_jax import from_torchvision, train_lib
+  from densenet_jax import from_torchvision
+  from densenet_jax.train import loop, setup
 
   monkeypatch.setenv('HF_ENDPOINT', hub.url)
   monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
@@ -217,16 +218,16 @@ def test_the_finetune_config_starts_from_pretrained_weights_and_eval_mode_evalua
     config.progress_bar = False
     config.compilation_cache_dir = ''
     with tfds.testing.mock_data(num_examples=16):
-      s = train_lib.setup(config, tmp_path / 'run')
-      loaded = train_lib.load_init_from(s, s.create_state())
+      s = setup.setup(config, tmp_path / 'run')
+      loaded = setup.load_init_from(s, s.create_state())
       expected = from_torchvision(section(tiny_reference, 'state_dict'))
       for name in ('conv0', 'classifier'):
         np.testing.assert_array_equal(
           np.asarray(loaded.params[name]['kernel']), expected['params'][name]['kernel']
         )
-      final = train_lib.train_and_evaluate(config, tmp_path / 'run')
+      final = loop.train_and_evaluate(config, tmp_path / 'run')
       config.mode = 'eval'
-      evaluated = train_lib.evaluate(config, tmp_path / 'pretrained_eval')  # no checkpoint: the weights
+      evaluated = loop.evaluate(config, tmp_path / 'pretrained_eval')  # no checkpoint: the weights
   finally:
     monkeypatch.undo()
     importlib.reload(constants)
@@ -237,7 +238,8 @@ def test_the_finetune_config_starts_from_pretrained_weights_and_eval_mode_evalua
 def test_init_from_takes_a_safetensors_or_pth_file_with_the_same_result(tmp_path, tiny_reference):
   from safetensors.numpy import save_file
 
-  from densenet_jax import from_torchvision, train_lib
+  from densenet_jax import from_torchvision
+  from densenet_jax.train import registry, setup
 
   torch = optional_module('torch')
   state_dict = {k: np.ascontiguousarray(v) for k, v in section(tiny_reference, 'state_dict').items()}
@@ -245,11 +247,11 @@ def test_init_from_takes_a_safetensors_or_pth_file_with_the_same_result(tmp_path
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / 'tiny.pth')
   expected = from_torchvision(state_dict)
   for name in ('tiny.safetensors', 'tiny.pth'):
-    description, variables = train_lib.init_from_variables(str(tmp_path / name))
+    description, variables = setup.init_from_variables(str(tmp_path / name))
     assert description == str(tmp_path / name)
     for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True):
       np.testing.assert_array_equal(got, want)
   with pytest.raises(
-    train_lib.ConfigError, match=r"neither a pretrained name \(densenet121, .*'hf-hub:OWNER/REPO'\)"
+    registry.ConfigError, match=r"neither a pretrained name \(densenet121, .*'hf-hub:OWNER/REPO'\)"
   ):
-    train_lib.init_from_variables(str(tmp_path / 'missing.safetensors'))
+    setup.init_from_variables(str(tmp_path / 'missing.safetensors'))

@@ -13,9 +13,10 @@ import pytest
 from conftest import DATA, optional_module, quick, read_metrics, section
 
 from configs import cifar10_adamw, default, digits, fashion_mnist, finetune
-from densenet_jax import convert, from_torchvision, input_pipeline, registry, steps, train_lib
-from densenet_jax.checkpoints import Checkpoints
+from densenet_jax import convert, from_torchvision
 from densenet_jax.models import DenseNet
+from densenet_jax.train import input_pipeline, loop, registry, setup, steps
+from densenet_jax.train.checkpoints import Checkpoints
 
 tfds = optional_module('tensorflow_datasets')
 
@@ -34,7 +35,7 @@ def tiny_state(config: ml_collections.ConfigDict, num_classes: int = 3) -> steps
   model = DenseNet(**TINY, num_classes=num_classes)
   tx = registry.create_optimizer(config, registry.learning_rate_schedule(config, 10, 100))
   state = jax.jit(lambda: steps.create_train_state(model, tx, (1, 8, 8, 1)))()
-  return train_lib.with_ema(config, state)
+  return setup.with_ema(config, state)
 
 
 def batch(seed: int, size: int = 8, num_classes: int = 3) -> dict[str, jax.Array]:
@@ -334,7 +335,7 @@ def test_plateau_end_to_end_lowers_the_logged_learning_rate_after_stalled_valida
     compilation_cache_dir='',
   )
   config.log_every_steps = 10  # an epoch: 1,294 train images / 128
-  train_lib.train_and_evaluate(config, tmp_path)
+  loop.train_and_evaluate(config, tmp_path)
   records = read_metrics(tmp_path)
   rates = [r['learning_rate'] for r in records if 'learning_rate' in r]
   evals = [r for r in records if 'test_loss' in r]
@@ -368,9 +369,9 @@ def test_the_fashion_mnist_config_trains_end_to_end_on_mock_data(tmp_path):
   assert config.model == 'densenet121' and shapes['params']['conv0']['kernel'].shape == (7, 7, 1, 64)
   quick(config, tmp_path / 'data', model='densenet', model_kwargs=ml_collections.ConfigDict(TINY))
   with tfds.testing.mock_data(num_examples=24):
-    s = train_lib.setup(config, tmp_path / 'run')
+    s = setup.setup(config, tmp_path / 'run')
     batch = next(input_pipeline.train_iterator(config, s.builder, s.spec, 0, 0, 1, end_step=1))
-    final = train_lib.train_and_evaluate(config, tmp_path / 'run')
+    final = loop.train_and_evaluate(config, tmp_path / 'run')
   assert batch['image'].shape == (8, 96, 96, 1) and s.spec.channels == 1
   assert final['step'] == 3 and np.isfinite(final['train_loss']) and final['test_examples'] == 24
 
@@ -403,7 +404,7 @@ def test_finetuning_a_frozen_backbone_from_a_converted_checkpoint_on_a_new_class
     image_size=48,
   )
   with tfds.testing.mock_data(num_examples=16):
-    train_lib.train_and_evaluate(config, tmp_path / 'run')
+    loop.train_and_evaluate(config, tmp_path / 'run')
   _, trained = convert.load_checkpoint(tmp_path / 'run' / 'checkpoints' / '3')
   assert trained['params']['classifier']['kernel'].shape[-1] == 100
   for collection in ('params', 'batch_stats'):
@@ -438,7 +439,7 @@ def test_a_checkpoint_saved_before_the_ema_field_existed_still_resumes(tmp_path)
 @pytest.mark.parametrize('channels', [3, 1])
 def test_every_randaugment_operation_changes_an_image_and_stays_in_range(channels):
   tf = optional_module('tensorflow')
-  from densenet_jax import randaugment
+  from densenet_jax.train import randaugment
 
   # 32x32: PIL's equalize leaves images of fewer than ~2 pixels per grey level as they are.
   image = tf.random.stateless_uniform([32, 32, channels], [0, 1], 50.0, 200.0)

@@ -6,7 +6,7 @@ import numpy as np
 from conftest import optional_module
 
 from configs import cifar10
-from densenet_jax import traced_step, train_lib
+from densenet_jax.train import loop, traced_step
 
 tfds = optional_module('tensorflow_datasets')
 
@@ -34,7 +34,7 @@ def test_a_restart_loads_the_traced_step_and_trains_exactly_the_same(tmp_path, m
     config.update(overrides)
     traces.clear()
     with tfds.testing.mock_data(num_examples=20):
-      final = train_lib.train_and_evaluate(config, tmp_path / workdir)
+      final = loop.train_and_evaluate(config, tmp_path / workdir)
     return final, len(traces)
 
   def kept() -> list:

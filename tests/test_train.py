@@ -9,8 +9,9 @@ import pytest
 from conftest import DATA, XLA_CACHE, optional_module, quick, read_metrics, run_train, section, start_train
 
 from configs import cifar10, densenet121
-from densenet_jax import convert, from_torchvision, train_lib
+from densenet_jax import convert, from_torchvision
 from densenet_jax.models import DenseNet
+from densenet_jax.train import loop, registry, setup, sharding
 
 tfds = optional_module('tensorflow_datasets')
 
@@ -27,7 +28,7 @@ def test_config_trains_end_to_end_on_mock_data(tmp_path, config_module):
   else:  # DenseNet-BC with one layer per block.
     config.model_kwargs.depth = 10
   with tfds.testing.mock_data(num_examples=20):
-    final = train_lib.train_and_evaluate(config, tmp_path / 'run')
+    final = loop.train_and_evaluate(config, tmp_path / 'run')
   assert final['step'] == 3 and final['test_examples'] == 20
   assert np.isfinite(final['train_loss']) and 0 <= final['test_top1'] <= final['test_top5'] <= 1
   assert json.loads((tmp_path / 'run' / 'final_metrics.json').read_text()) == final
@@ -37,7 +38,7 @@ def test_config_trains_end_to_end_on_mock_data(tmp_path, config_module):
   # The last checkpoint evaluates to the same figures (mode=eval).
   config.mode = 'eval'
   with tfds.testing.mock_data(num_examples=20):
-    evaluated = train_lib.evaluate(config, tmp_path / 'run')
+    evaluated = loop.evaluate(config, tmp_path / 'run')
   assert evaluated['step'] == 3
   for key in ('test_loss', 'test_top1', 'test_top5'):
     assert evaluated[key] == pytest.approx(final[key], rel=1e-6)
@@ -54,18 +55,16 @@ def test_training_starts_from_a_converted_torchvision_checkpoint(tmp_path, tiny_
   config.model_kwargs.block_config = tuple(config.model_kwargs.block_config)
   del config.model_kwargs['num_classes']  # The data's: cifar10, 10 classes, as the tiny net's.
   with tfds.testing.mock_data(num_examples=20):
-    setup = train_lib.setup(config, tmp_path / 'run')
-    loaded = train_lib.load_init_from(setup, setup.create_state())
-    final = train_lib.train_and_evaluate(config, tmp_path / 'run')
+    built = setup.setup(config, tmp_path / 'run')
+    loaded = setup.load_init_from(built, built.create_state())
+    final = loop.train_and_evaluate(config, tmp_path / 'run')
   # It starts from torchvision's weights exactly...
   for ours, theirs in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables['params']), strict=True):
     np.testing.assert_array_equal(np.asarray(ours), theirs)
-  assert train_lib.param_checksum(loaded.params) == pytest.approx(
-    train_lib.param_checksum(variables['params'])
-  )
+  assert sharding.param_checksum(loaded.params) == pytest.approx(sharding.param_checksum(variables['params']))
   # ...and trains from there.
   assert final['step'] == 3 and np.isfinite(final['train_loss'])
-  assert final['param_checksum'] != pytest.approx(train_lib.param_checksum(variables['params']), rel=1e-9)
+  assert final['param_checksum'] != pytest.approx(sharding.param_checksum(variables['params']), rel=1e-9)
 
 
 def test_init_from_another_architecture_is_refused(tmp_path, tiny_model, tiny_reference):
@@ -73,8 +72,8 @@ def test_init_from_another_architecture_is_refused(tmp_path, tiny_model, tiny_re
   convert.save_checkpoint(tmp_path / 'tiny_torchvision', tiny_model, variables)
   config = quick(cifar10.get_config(), tmp_path / 'data', init_from=str(tmp_path / 'tiny_torchvision'))
   config.model_kwargs.depth = 10
-  with tfds.testing.mock_data(num_examples=20), pytest.raises(train_lib.ConfigError, match='does not fit'):
-    train_lib.train_and_evaluate(config, tmp_path / 'run')
+  with tfds.testing.mock_data(num_examples=20), pytest.raises(registry.ConfigError, match='does not fit'):
+    loop.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
@@ -91,9 +90,9 @@ def test_a_classifier_of_another_class_count_is_reinitialized(tmp_path, tiny_ref
     {'growth_rate': 8, 'block_config': (2, 3, 2), 'num_init_features': 16}
   )
   with tfds.testing.mock_data(num_examples=20):
-    setup = train_lib.setup(config, tmp_path / 'run')
-    fresh = setup.create_state()
-    loaded = train_lib.load_init_from(setup, fresh)
+    built = setup.setup(config, tmp_path / 'run')
+    fresh = built.create_state()
+    loaded = setup.load_init_from(built, fresh)
   assert loaded.params['classifier']['kernel'].shape[1] == 100
   np.testing.assert_array_equal(loaded.params['classifier']['kernel'], fresh.params['classifier']['kernel'])
   np.testing.assert_array_equal(
@@ -102,6 +101,7 @@ def test_a_classifier_of_another_class_count_is_reinitialized(tmp_path, tiny_ref
   )
 
 
+@pytest.mark.slow
 def test_eight_devices_train_exactly_like_one(tmp_path, digits_data_dir):
   """The digits config, 2 epochs and an eval, in float64 on 1 and on 8 devices: the same losses.
 
@@ -115,6 +115,7 @@ def test_eight_devices_train_exactly_like_one(tmp_path, digits_data_dir):
         '--config=configs/digits.py',
         f'--workdir={tmp_path / f"devices{devices}"}',
         f'--config.data_dir={digits_data_dir}',
+        '--config.model_kwargs.depth=16',  # 2 layers per block: the devices are the point
         '--config.total_steps=44',
         '--config.log_every_steps=1',
         '--config.dtype=float64',
@@ -160,12 +161,12 @@ def test_digits_quickstart_reaches_98_percent(tmp_path, digits_data_dir):
 def test_learning_rate_schedules_follow_the_config():
   config = densenet121.get_config()
   config.batch_size = 512  # lr 0.1 per 256 images -> 0.2
-  step = train_lib.learning_rate_schedule(config, steps_per_epoch=100, total_steps=9000)
+  step = registry.learning_rate_schedule(config, steps_per_epoch=100, total_steps=9000)
   assert [float(step(s)) for s in (0, 2999, 3000, 5999, 6000, 8999)] == pytest.approx(
     [0.2, 0.2, 0.02, 0.02, 0.002, 0.002]
   )
   config.schedule, config.warmup_epochs = 'cosine', 5
-  cosine = train_lib.learning_rate_schedule(config, steps_per_epoch=100, total_steps=9000)
+  cosine = registry.learning_rate_schedule(config, steps_per_epoch=100, total_steps=9000)
   assert float(cosine(0)) == 0 and float(cosine(250)) == pytest.approx(0.1)
   assert float(cosine(500)) == pytest.approx(0.2) and float(cosine(9000)) == pytest.approx(0, abs=1e-7)
 
@@ -174,7 +175,7 @@ def test_learning_rate_schedules_follow_the_config():
 def test_weight_decay_masking(decay_norm_and_bias):
   config = densenet121.get_config()
   config.weight_decay_norm_and_bias = decay_norm_and_bias
-  tx = train_lib.create_optimizer(config, lambda step: 1.0)
+  tx = registry.create_optimizer(config, lambda step: 1.0)
   params = {'conv0': {'kernel': np.ones((3, 3))}, 'norm0': {'scale': np.ones(3), 'bias': np.ones(3)}}
   updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
   # First Nesterov step with zero gradients: -lr x (1 + momentum) x weight_decay x w.
@@ -189,8 +190,8 @@ def test_half_precision_trains_with_float32_parameters(tmp_path):
   config = quick(cifar10.get_config(), tmp_path / 'data', half_precision=True)
   config.model_kwargs.depth = 10
   with tfds.testing.mock_data(num_examples=20):
-    setup = train_lib.setup(config, tmp_path / 'run')
-    final = train_lib.train_and_evaluate(config, tmp_path / 'run')
-  assert setup.model.dtype == jax.numpy.bfloat16
-  assert {leaf.dtype for leaf in jax.tree.leaves(setup.abstract_state.params)} == {np.dtype('float32')}
+    built = setup.setup(config, tmp_path / 'run')
+    final = loop.train_and_evaluate(config, tmp_path / 'run')
+  assert built.model.dtype == jax.numpy.bfloat16
+  assert {leaf.dtype for leaf in jax.tree.leaves(built.abstract_state.params)} == {np.dtype('float32')}
   assert final['step'] == 3 and np.isfinite(final['train_loss']) and np.isfinite(final['test_loss'])

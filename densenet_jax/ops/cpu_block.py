@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax.ops.cpu_batch_norm import Centered, _center_backward, _concatenate, center
+from densenet_jax.ops.cpu_centered import Centered, center, center_backward
+from densenet_jax.ops.cpu_statistics import concat_channels
 
 
 def train_block(
@@ -131,7 +132,7 @@ def _memory_efficient_block(
 
     def feature_grad(j, start, end):
       """Feature j's gradient: from the block output, and through its centring from the later layers."""
-      through_centring = _center_backward(
+      through_centring = center_backward(
         centered[j], values_grad[..., start:end], None, var_grad[start:end], axis=axis
       )
       return gradient[..., start:end] + through_centring.astype(gradient.dtype)
@@ -142,7 +143,7 @@ def _memory_efficient_block(
       param_grads[i], grads = layer_vjp(
         params[i], batch_stats[i], inputs[i], bottlenecks[i], None if rngs is None else rngs[i], output_grad
       )
-      new_values_grad = _concatenate(grads.values)
+      new_values_grad = concat_channels(grads.values)
       if last:
         values_grad, var_grad = new_values_grad, grads.var
       else:

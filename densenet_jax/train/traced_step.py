@@ -14,7 +14,7 @@ from absl import logging
 from jax import export
 from jax.sharding import NamedSharding
 
-from densenet_jax.steps import TrainState, train_step
+from densenet_jax.train.steps import TrainState, train_step
 
 
 def jit_train_step(
@@ -115,7 +115,7 @@ class TracedStep:
 
   def _key(self, avals) -> str:
     digest = hashlib.sha256()
-    package = pathlib.Path(__file__).parent
+    package = pathlib.Path(__file__).parents[1]  # densenet_jax: the library and the trainer
     for source in sorted(package.rglob('*.py')):
       digest.update(str(source.relative_to(package)).encode() + source.read_bytes())
     versions = [importlib.metadata.version(name) for name in ('jax', 'jaxlib', 'flax', 'optax')]

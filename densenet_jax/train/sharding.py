@@ -1,5 +1,7 @@
-"""Values between the hosts and the device mesh: one global batch, replicated state, host copies."""
+"""Values between the hosts and the device mesh: global batches, replicated state, host copies."""
 
+import collections
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -28,3 +30,20 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
   return jax.tree.map(
     lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree
   )
+
+
+def prefetch_to_device(
+  host_batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int, count: int
+) -> Iterator[dict[str, jax.Array]]:
+  """`count` global batches on the devices, `size` of them in flight ahead of the one in use.
+
+  `jax.make_array_from_process_local_data` copies asynchronously, so the copies of the next
+  batches overlap the step that runs (`flax.jax_utils.prefetch_to_device` does this for pmap).
+  """
+  queue = collections.deque()
+  fetched = 0
+  for _ in range(count):
+    while fetched < count and len(queue) <= size:
+      queue.append(global_batch(next(host_batches), sharding))
+      fetched += 1
+    yield queue.popleft()

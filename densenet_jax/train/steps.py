@@ -8,7 +8,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from densenet_jax import registry
+from densenet_jax.train import registry
 
 
 class TrainState(train_state.TrainState):

@@ -10,11 +10,11 @@ import json
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 from etils import epath
 
@@ -31,19 +31,26 @@ def log(message: str) -> None:
       print(line, flush=True)
 
 
-if TYPE_CHECKING:
-  from densenet_jax.train_lib import Setup
-
-
 class Reporter:
   """Progress bar, log lines, TensorBoard, metrics.jsonl and the curves PNG (process 0 writes)."""
 
   active_bar = None  # The tqdm bar log lines must be written above, if one is shown.
 
-  def __init__(self, s: 'Setup', start_step: int):
-    self.s = s
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    total_steps: int,
+    steps_per_epoch: int,
+    start_step: int,
+  ):
+    """Reports a run of `config` in `workdir` from `start_step` (a resumed run keeps its history)."""
+    self.config = config
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self.steps_per_epoch = steps_per_epoch
     self.is_writer = jax.process_index() == 0
-    self.history_path = s.workdir / 'metrics.jsonl'
+    self.history_path = workdir / 'metrics.jsonl'
     self.history = []
     if self.is_writer and self.history_path.exists():
       # After a resume, drop what the interrupted run logged beyond its checkpoint.
@@ -55,14 +62,12 @@ class Reporter:
     self.tensorboard = None
     self.bar = None
     if self.is_writer:
-      self.tensorboard = TensorBoardScalars(s.workdir / 'tensorboard', start_step)
-      if s.config.progress_bar:
+      self.tensorboard = TensorBoardScalars(workdir / 'tensorboard', start_step)
+      if config.progress_bar:
         from tqdm import tqdm
 
         # disable=None: no bar when stderr is not a terminal (logs then carry the progress).
-        self.bar = tqdm(
-          total=s.total_steps, initial=start_step, unit='step', disable=None, dynamic_ncols=True
-        )
+        self.bar = tqdm(total=total_steps, initial=start_step, unit='step', disable=None, dynamic_ncols=True)
         Reporter.active_bar = None if self.bar.disable else self.bar
     self.window_start = (start_step, time.perf_counter())
     self.step_seconds = None
@@ -77,11 +82,11 @@ class Reporter:
     if step > first_step:
       self.step_seconds = (now - started) / (step - first_step)
     self.window_start = (step, now)
-    images_per_second = self.s.config.batch_size / self.step_seconds if self.step_seconds else 0.0
-    eta = (self.s.total_steps - step) * (self.step_seconds or 0.0)
-    record = {'step': step, 'epoch': step / self.s.spec.steps_per_epoch, **metrics}
+    images_per_second = self.config.batch_size / self.step_seconds if self.step_seconds else 0.0
+    eta = (self.total_steps - step) * (self.step_seconds or 0.0)
+    record = {'step': step, 'epoch': step / self.steps_per_epoch, **metrics}
     message = (
-      f'step {step}/{self.s.total_steps} (epoch {record["epoch"]:.2f}) '
+      f'step {step}/{self.total_steps} (epoch {record["epoch"]:.2f}) '
       f'| train loss {metrics["train_loss"]:.4f} '
       f'| top-1 {100 * metrics["train_top1"]:.2f}% | lr {metrics["learning_rate"]:.4g} '
       f'| {images_per_second:.1f} img/s | ETA {duration(eta)}'
@@ -91,9 +96,9 @@ class Reporter:
       self.bar.set_postfix(loss=f'{metrics["train_loss"]:.4f}', img_s=f'{images_per_second:.0f}')
 
   def eval(self, step: int, metrics: dict[str, float]) -> None:
-    record = {'step': step, 'epoch': step / self.s.spec.steps_per_epoch, **metrics}
+    record = {'step': step, 'epoch': step / self.steps_per_epoch, **metrics}
     message = (
-      f'eval at step {step} on {self.s.config.dataset}:{self.s.config.eval_split} '
+      f'eval at step {step} on {self.config.dataset}:{self.config.eval_split} '
       f'({metrics["test_examples"]} images) | loss {metrics["test_loss"]:.4f} | '
       f'top-1 {100 * metrics["test_top1"]:.2f}% | top-5 {100 * metrics["test_top5"]:.2f}%'
     )
@@ -146,12 +151,12 @@ class Reporter:
     for ax in (loss_ax, acc_ax):
       ax.grid(alpha=0.3)
       ax.legend()
-    fig.suptitle(f'{self.s.config.model} on {self.s.config.dataset} ({self.s.workdir.name})')
+    fig.suptitle(f'{self.config.model} on {self.config.dataset} ({self.workdir.name})')
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format='png', dpi=100)
     plt.close(fig)
-    (self.s.workdir / 'curves.png').write_bytes(png.getvalue())
+    (self.workdir / 'curves.png').write_bytes(png.getvalue())
 
   def close(self) -> None:
     Reporter.active_bar = None
@@ -207,13 +212,13 @@ def duration(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def print_summary(s: 'Setup') -> None:
-  """`nn.tabulate` of the model (blocks and transitions), on process 0."""
+def print_summary(model: nn.Module, image_shape: tuple[int, ...]) -> None:
+  """`nn.tabulate` of the model (blocks and transitions) for one image of `image_shape`, on process 0."""
   if jax.process_index() != 0:
     return
-  image = jnp.zeros((1, s.config.image_size, s.config.image_size, s.spec.channels), s.model.dtype)
+  image = jnp.zeros((1, *image_shape), model.dtype)
   table = nn.tabulate(
-    s.model,
+    model,
     jax.random.key(0),
     depth=1,
     console_kwargs={'width': 120, 'force_terminal': False, 'no_color': True},

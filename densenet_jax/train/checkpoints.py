@@ -9,10 +9,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from densenet_jax.registry import ConfigError
-from densenet_jax.reporting import log
-from densenet_jax.sharding import to_host
-from densenet_jax.steps import TrainState
+from densenet_jax.train.registry import ConfigError
+from densenet_jax.train.reporting import log
+from densenet_jax.train.sharding import to_host
+from densenet_jax.train.steps import TrainState
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
