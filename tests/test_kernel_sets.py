@@ -313,6 +313,7 @@ def model_outputs_and_gradients(model, variables, x, labels, train):
   return logits, stats, grads
 
 
+@pytest.mark.slow  # two whole networks in float64, fwd and bwd, per case; the layers are compared above
 @pytest.mark.parametrize('kernels', [k for k in KERNELS if k != 'xla'])
 @pytest.mark.parametrize(
   'depth, bc, stem, memory_efficient, drop_rate',

@@ -30,7 +30,14 @@ def train_outputs(model, variables, x, labels):
 
 @pytest.mark.parametrize('kernels', KERNELS)
 @pytest.mark.parametrize(
-  'bc, drop_rate', [(True, 0.0), (False, 0.0), (True, 0.2)], ids=['bottleneck', 'plain', 'dropout']
+  'bc, drop_rate',
+  # The bottleneck network in the quick tier; without it and with dropout in the full suite.
+  [
+    (True, 0.0),
+    pytest.param(False, 0.0, marks=pytest.mark.slow),
+    pytest.param(True, 0.2, marks=pytest.mark.slow),
+  ],
+  ids=['bottleneck', 'plain', 'dropout'],
 )
 def test_memory_efficient_gives_the_same_numbers(bc, drop_rate, kernels):
   model = densenet_jax.densenet_cifar(16 if bc else 10, 8, bc=bc, drop_rate=drop_rate, kernels=kernels)

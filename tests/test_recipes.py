@@ -315,6 +315,7 @@ def test_the_validation_split_is_the_train_splits_tail_disjoint_and_the_same_eve
   assert seen <= {image.tobytes() for image in trained_on}
 
 
+@pytest.mark.slow  # five epochs of the digits
 def test_plateau_end_to_end_lowers_the_logged_learning_rate_after_stalled_validation_losses(
   tmp_path, digits_data_dir
 ):

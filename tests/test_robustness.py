@@ -21,7 +21,8 @@ from conftest import REPO, XLA_CACHE, optional_module, read_metrics, run_train, 
 from densenet_jax import convert
 
 # Every test here runs train.py processes end to end: the full suite (`pytest -m ''`).
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs them all: they share the uninterrupted runs.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('train_runs')]
 
 STEPS = 50  # 22 steps per epoch: checkpoints at 15 and 30 (mid-epoch), 45 and 50.
 # DenseNet-BC-16 (2 layers per block) for digits' BC-40: what is tested is the run, not the model

@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+import pytest
 from conftest import optional_module
 
 from configs import cifar10
@@ -11,6 +12,7 @@ from densenet_jax.train import loop, traced_step
 tfds = optional_module('tensorflow_datasets')
 
 
+@pytest.mark.slow  # five training runs in one test
 def test_a_restart_loads_the_traced_step_and_trains_exactly_the_same(tmp_path, monkeypatch, caplog):
   traces = []
   train_step = traced_step.train_step  # The step jit_train_step traces.
