@@ -74,17 +74,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.total_steps = 0  # > 0 overrides num_epochs.
   config.learning_rate = 0.1
   config.lr_reference_batch = 256
-  # 'step' (x lr_decay_factor at lr_decay_epochs), 'cosine', or 'plateau': x plateau_factor when the
-  # validation loss (needs validation_fraction) has not improved by plateau_rtol (relative) for
-  # plateau_patience evaluations, as PyTorch's ReduceLROnPlateau (optax.contrib.reduce_on_plateau).
+  # 'step' (x lr_decay_factor at lr_decay_epochs), 'cosine', or 'plateau': PyTorch's ReduceLROnPlateau
+  # stepped on plateau_metric at every evaluation, with its arguments and defaults (plateau_min_lr and
+  # plateau_eps in learning-rate units, on the learning rate after the warmup).
   config.schedule = 'step'
   config.lr_decay_epochs = (30, 60)
   config.lr_decay_factor = 0.1
+  config.plateau_metric = 'val_loss'  # an eval metric; val_* need validation_fraction
+  config.plateau_mode = 'min'  # 'min' for a loss, 'max' for an accuracy
   config.plateau_factor = 0.1
-  config.plateau_patience = 10  # evaluations (every eval_every_epochs)
-  config.plateau_rtol = 1e-4
+  config.plateau_patience = 10  # evaluations (every eval_every_epochs) tolerated without improvement
+  config.plateau_threshold = 1e-4
+  config.plateau_threshold_mode = 'rel'  # 'rel' or 'abs'
   config.plateau_cooldown = 0
-  config.plateau_min_scale = 0.0
+  config.plateau_min_lr = 0.0
+  config.plateau_eps = 1e-8
   config.warmup_epochs = 0.0  # linear warmup from 0, every schedule.
   # 'sgd' (momentum, nesterov), 'adam' or 'adamw' (adam_betas, adam_eps), with PyTorch's meaning of
   # weight_decay: added to the gradient for sgd and adam, decoupled (lr x weight_decay x param) for adamw.

@@ -15,7 +15,7 @@ from conftest import DATA, optional_module, quick, read_metrics, section
 from configs import cifar10_adamw, default, digits, fashion_mnist, finetune
 from densenet_jax import convert, from_torchvision
 from densenet_jax.models import DenseNet
-from densenet_jax.train import input_pipeline, loop, registry, setup, steps
+from densenet_jax.train import input_pipeline, loop, plateau, registry, setup, steps
 from densenet_jax.train.checkpoints import Checkpoints
 
 tfds = optional_module('tensorflow_datasets')
@@ -243,19 +243,20 @@ def test_the_backbone_learning_rate_multiplier_scales_only_the_backbone_updates(
   assert np.abs(np.asarray(full['conv0']['kernel'])).max() > 0
 
 
-def test_plateau_scale_drops_by_the_factor_after_patience_stalled_losses_and_scales_the_updates():
+def test_plateau_scale_drops_by_the_factor_after_more_than_patience_stalled_losses_and_scales_the_updates():
   config = config_with(
     optimizer='adamw', schedule='plateau', validation_fraction=0.1, plateau_factor=0.5, plateau_patience=2
   )
   config.grad_accum_steps = 2  # The plateau state is found inside optax.MultiSteps' state too.
   state = tiny_state(config)
-  update = jax.jit(functools.partial(registry.update_plateau, config))
+  scheduler = registry.plateau_scheduler(config)
   scales = []
-  for loss in [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]:
-    state = state.replace(opt_state=update(state.opt_state, loss))
+  for loss in [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]:
+    stepped = jax.tree.map(jnp.asarray, scheduler.step(plateau.find_state(state.opt_state), loss))
+    state = state.replace(opt_state=plateau.replace_state(state.opt_state, stepped))
     scales.append(float(registry.learning_rate_scale(state.opt_state)))
-  # inf -> 1.0 improves; two stalls -> x0.5; 0.5 improves; two stalls -> x0.5; one more stall.
-  assert scales == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+  # inf -> 1.0 improves; the third stall (more than 2) -> x0.5; 0.5 improves; three stalls -> x0.5.
+  assert scales == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25]
 
   # The updates of the next step are a quarter of a fresh state's (an update every 2 steps).
   grads = grads_of(state)
@@ -327,7 +328,7 @@ def test_plateau_end_to_end_lowers_the_logged_learning_rate_after_stalled_valida
     validation_fraction=0.1,
     # A validation loss improves only when it falls below 1% of the best so far: after
     # the first evaluation every one stalls.
-    plateau_rtol=0.99,
+    plateau_threshold=0.99,
     plateau_patience=2,
     plateau_factor=0.5,
     num_epochs=5,
@@ -341,7 +342,8 @@ def test_plateau_end_to_end_lowers_the_logged_learning_rate_after_stalled_valida
   rates = [r['learning_rate'] for r in records if 'learning_rate' in r]
   evals = [r for r in records if 'test_loss' in r]
   base = 0.1 * 128 / 64
-  assert rates == pytest.approx([base, base, base, base / 2, base / 2])
+  # Stalls at evaluations 2, 3 and 4: the third (more than patience 2) halves the rate for epoch 5.
+  assert rates == pytest.approx([base, base, base, base, base / 2])
   assert len(evals) == 5 and all(r['val_examples'] == 144 and np.isfinite(r['val_loss']) for r in evals)
 
 
@@ -381,6 +383,14 @@ def test_the_cifar10_adamw_config_is_the_notebooks_recipe():
   config = cifar10_adamw.get_config()
   registry.validate_config(config)
   assert (config.optimizer, config.schedule, config.validation_fraction) == ('adamw', 'plateau', 0.1)
+  # torch.optim.AdamW(lr=5e-4, betas=(0.9, 0.999), weight_decay=1e-4) on batches of 64.
+  assert registry.base_learning_rate(config) == 5e-4 and config.batch_size == 64
+  assert (tuple(config.adam_betas), config.weight_decay) == ((0.9, 0.999), 1e-4)
+  # ReduceLROnPlateau(mode='min', factor=0.1, patience=5, min_lr=1e-6) on the validation loss, each epoch.
+  assert registry.plateau_scheduler(config) == plateau.ReduceLROnPlateau(
+    learning_rate=5e-4, mode='min', factor=0.1, patience=5, min_lr=1e-6
+  )
+  assert (config.plateau_metric, config.eval_every_epochs, config.num_epochs) == ('val_loss', 1, 20)
 
 
 def test_finetuning_a_frozen_backbone_from_a_converted_checkpoint_on_a_new_class_count(

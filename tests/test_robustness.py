@@ -125,7 +125,11 @@ EVERY_RECIPE = (
   '--config.weight_decay=0.01',
   '--config.schedule=plateau',
   '--config.validation_fraction=0.1',  # 20 steps per epoch
-  '--config.plateau_patience=1',
+  # Every evaluation after the first stalls (an improvement is a 90% drop) and patience 0 reduces at
+  # once: the lr drops at the second evaluation (step 40), which a resumed run sees only if the
+  # plateau state (the best loss so far) came back from the checkpoint.
+  '--config.plateau_patience=0',
+  '--config.plateau_threshold=0.9',
   '--config.label_smoothing=0.1',
   '--config.mixup_alpha=0.2',
   '--config.cutmix_alpha=1.0',
@@ -154,6 +158,8 @@ def test_with_every_recipe_on_a_sigkill_mid_accumulation_then_restart_ends_as_un
   assert steps == sorted(set(steps)) and steps[-1] == STEPS
   evals = [r for r in read_metrics(workdir) if 'val_loss' in r]
   assert [r['step'] for r in evals] == [20, 40, 50]
+  rates = {r['step']: r['learning_rate'] for r in read_metrics(workdir) if 'learning_rate' in r}
+  assert rates[45] == pytest.approx(0.1 * rates[40]) and rates[40] == rates[20]
   # The best checkpoint by test top-1 is kept and named; the EMA weights export to torch.
   best = uninterrupted['best_step']
   assert uninterrupted['best_test_top1'] == max(r['test_top1'] for r in evals if r['step'] == best)

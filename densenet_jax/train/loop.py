@@ -22,12 +22,12 @@ import ml_collections
 import numpy as np
 
 from densenet_jax import convert
-from densenet_jax.train import input_pipeline
+from densenet_jax.train import input_pipeline, plateau
 from densenet_jax.train.checkpoints import Checkpoints, Preempted, PreemptionWatcher
-from densenet_jax.train.registry import ConfigError, learning_rate_scale, update_plateau
+from densenet_jax.train.registry import ConfigError, learning_rate_scale, plateau_scheduler
 from densenet_jax.train.reporting import Reporter, log, print_summary
 from densenet_jax.train.setup import Setup, load_init_from, setup
-from densenet_jax.train.sharding import param_checksum, prefetch_to_device, to_host
+from densenet_jax.train.sharding import param_checksum, prefetch_to_device, replicate, to_host
 from densenet_jax.train.steps import TrainState, eval_step, zero_train_metrics
 from densenet_jax.train.traced_step import jit_train_step
 
@@ -109,11 +109,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     out_shardings=s.replicated,
     donate_argnums=0,
   )
-  advance_plateau = jax.jit(
-    lambda state, loss: state.replace(opt_state=update_plateau(config, state.opt_state, loss)),
-    out_shardings=s.replicated,
-    donate_argnums=0,
-  )
+  scheduler = plateau_scheduler(config) if config.schedule == 'plateau' else None
+
+  def advance_plateau(state: TrainState, metric: float) -> TrainState:
+    """The plateau state stepped by one evaluation, on the host as PyTorch's (every process alike)."""
+    stepped = scheduler.step(to_host(plateau.find_state(state.opt_state)), metric)
+    return state.replace(opt_state=plateau.replace_state(state.opt_state, replicate(stepped, s.replicated)))
 
   def evaluate_splits(state: TrainState) -> dict[str, float]:
     """The test split's metrics, and the validation split's when one is held out."""
@@ -184,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if (epoch_end and (step // s.spec.steps_per_epoch) % config.eval_every_epochs == 0) or is_last:
         eval_metrics = evaluate_splits(state)
         if config.schedule == 'plateau':
-          state = advance_plateau(state, eval_metrics['val_loss'])
+          state = advance_plateau(state, eval_metrics[config.plateau_metric])
         reporter.eval(step, eval_metrics)
         if config.best_checkpoint_metric:  # Every evaluated state is a candidate for the best.
           save(state, eval_metrics)

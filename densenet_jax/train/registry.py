@@ -10,6 +10,7 @@ import ml_collections
 import optax
 
 from densenet_jax import models
+from densenet_jax.train import plateau
 
 MODELS: dict[str, Callable[..., models.DenseNet]] = {
   'densenet121': models.DenseNet121,
@@ -31,6 +32,8 @@ CHOICES = {
   'eval_preprocess': ('center_crop', 'resize', 'none'),
   'schedule': ('step', 'cosine', 'plateau'),
   'optimizer': ('sgd', 'adamw', 'adam'),
+  'plateau_mode': ('min', 'max'),
+  'plateau_threshold_mode': ('rel', 'abs'),
 }
 
 
@@ -59,11 +62,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{field}={config[field]!r} is not one of 'float32', 'bfloat16', 'float64'.")
     if config[field] == 'float64' and not jax.config.jax_enable_x64:
       raise ConfigError(f'config.{field}=float64 needs 64-bit JAX: run with JAX_ENABLE_X64=1.')
-  if config.schedule == 'plateau' and not config.validation_fraction:
-    raise ConfigError(
-      "config.schedule='plateau' reduces the learning rate on the validation loss, and there is no "
-      'validation split: set config.validation_fraction (e.g. 0.1).'
-    )
+  metrics = [f'{split}_{name}' for split in ('test', 'val') for name in ('top1', 'top5', 'loss')]
+  if config.schedule == 'plateau':
+    _validate_plateau(config, metrics)
   if not 0 <= config.validation_fraction < 1:
     raise ConfigError(f'config.validation_fraction={config.validation_fraction} must be in [0, 1).')
   if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
@@ -84,7 +85,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'config.randaugment={randaugment!r} must be (layers, magnitude) with layers >= 1 and magnitude in '
       "[0, 10], e.g. '(2, 9)' (timm's rand-m9-n2), or () for none."
     )
-  metrics = [f'{split}_{name}' for split in ('test', 'val') for name in ('top1', 'top5', 'loss')]
   if config.best_checkpoint_metric and config.best_checkpoint_metric not in metrics:
     raise ConfigError(
       f'config.best_checkpoint_metric={config.best_checkpoint_metric!r} is not an eval metric: use one of '
@@ -105,6 +105,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'sharded over; use a multiple of {devices} (e.g. --config.{field}='
         f'{max(devices, config[field] // devices * devices)}).'
       )
+
+
+def _validate_plateau(config: ml_collections.ConfigDict, metrics: list[str]) -> None:
+  """The checks of PyTorch's ReduceLROnPlateau constructor, and a metric that the run evaluates."""
+  if config.plateau_metric not in metrics:
+    raise ConfigError(
+      f'config.plateau_metric={config.plateau_metric!r} is not an eval metric: use one of '
+      f'{", ".join(map(repr, metrics))}.'
+    )
+  if config.plateau_metric.startswith('val_') and not config.validation_fraction:
+    raise ConfigError(
+      f"config.schedule='plateau' reduces the learning rate on {config.plateau_metric}, and there is no "
+      'validation split: set config.validation_fraction (e.g. 0.1).'
+    )
+  if not 0 < config.plateau_factor < 1:
+    raise ConfigError(f'config.plateau_factor={config.plateau_factor} must be in (0, 1), e.g. 0.1.')
+  for field in ('plateau_patience', 'plateau_cooldown'):
+    if not isinstance(config[field], int) or config[field] < 0:
+      raise ConfigError(f'config.{field} must be a non-negative integer, got {config[field]!r}.')
+  for field in ('plateau_threshold', 'plateau_min_lr', 'plateau_eps'):
+    if config[field] < 0:
+      raise ConfigError(f'config.{field}={config[field]} must be >= 0.')
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.DenseNet:
@@ -128,7 +150,7 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
   """The learning rate per optimizer update: base lr, warmup, then step, cosine or constant decay.
 
-  With schedule='plateau' the schedule is constant after the warmup; `scale_by_plateau` scales it.
+  With schedule='plateau' the schedule is constant after the warmup; the plateau scale multiplies it.
   Under gradient accumulation, `steps_per_epoch` and `total_steps` count updates, not micro-batches.
   """
   base = base_learning_rate(config)
@@ -147,50 +169,25 @@ def learning_rate_schedule(
   return optax.join_schedules([warmup, lambda step: decay(step + warmup_steps)], [warmup_steps])
 
 
-def _plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """PyTorch's ReduceLROnPlateau defaults (mode='min', threshold_mode='rel'), as optax's."""
-  return optax.contrib.reduce_on_plateau(
+def plateau_scheduler(config: ml_collections.ConfigDict) -> plateau.ReduceLROnPlateau:
+  """PyTorch's ReduceLROnPlateau with the config's settings, on the base learning rate."""
+  return plateau.ReduceLROnPlateau(
+    learning_rate=base_learning_rate(config),
+    mode=config.plateau_mode,
     factor=config.plateau_factor,
     patience=config.plateau_patience,
-    rtol=config.plateau_rtol,
+    threshold=config.plateau_threshold,
+    threshold_mode=config.plateau_threshold_mode,
     cooldown=config.plateau_cooldown,
-    min_scale=config.plateau_min_scale,
-  )
-
-
-def scale_by_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Scales the updates by the plateau scale, which only `update_plateau` changes (at evaluations).
-
-  `optax.contrib.reduce_on_plateau` updates its state on every call with a value; here the value is
-  the validation loss, known once per evaluation, so the train step reads the scale and leaves it.
-  """
-  plateau = _plateau(config)
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u: (state.scale * u).astype(u.dtype), updates), state
-
-  return optax.GradientTransformation(plateau.init, update)
-
-
-def _is_plateau_state(x) -> bool:
-  return isinstance(x, optax.contrib.ReduceLROnPlateauState)
-
-
-def update_plateau(config: ml_collections.ConfigDict, opt_state: Any, validation_loss: jax.Array) -> Any:
-  """`opt_state` with its plateau state advanced by one validation loss (unchanged without one)."""
-  plateau = _plateau(config)
-  return jax.tree.map(
-    lambda x: plateau.update({}, x, value=validation_loss)[1] if _is_plateau_state(x) else x,
-    opt_state,
-    is_leaf=_is_plateau_state,
+    min_lr=config.plateau_min_lr,
+    eps=config.plateau_eps,
   )
 
 
 def learning_rate_scale(opt_state: Any) -> jax.Array:
   """The plateau scale in `opt_state` (1 without schedule='plateau')."""
-  found = [x.scale for x in jax.tree.leaves(opt_state, is_leaf=_is_plateau_state) if _is_plateau_state(x)]
-  return found[0] if found else jnp.ones((), jnp.float32)
+  state = plateau.find_state(opt_state)
+  return jnp.ones((), jnp.float32) if state is None else state.scale
 
 
 def is_head(path: tuple) -> bool:
@@ -244,7 +241,7 @@ def create_optimizer(
   if config.grad_clip_norm:
     parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
   if config.schedule == 'plateau':
-    parts.append(scale_by_plateau(config))
+    parts.append(plateau_scheduler(config).scale_updates())
   optimizer = optax.chain(*parts) if len(parts) > 1 else optimizer
   if config.grad_accum_steps > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps)
