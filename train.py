@@ -5,7 +5,8 @@
   python train.py --config configs/cifar10.py --workdir /ckpt/c10 --config.mode=eval
 
 Running it again with the same --workdir resumes from the latest checkpoint. Errors in the
-config or data are one line on stderr and a non-zero exit code; SIGTERM saves and exits 143.
+config or data are one line on stderr and a non-zero exit code; SIGTERM saves and exits 143, Ctrl-C
+saves and exits 130 (a second Ctrl-C stops at once).
 """
 
 import gc
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
 
   from densenet_jax.torchvision_port import StateDictError
   from densenet_jax.train import distributed, input_pipeline, loop
-  from densenet_jax.train.checkpoints import SIGTERM_EXIT_CODE, Preempted
+  from densenet_jax.train.checkpoints import SIGINT_EXIT_CODE, Preempted
   from densenet_jax.train.registry import ConfigError
   from densenet_jax.weights import PretrainedError
 
@@ -128,12 +129,12 @@ def main(argv: list[str]) -> None:
       if is_distributed:
         jax.distributed.shutdown()  # Together, now: left to exit, it waits out a timeout.
   except Preempted as preempted:
-    print(
-      f'SIGTERM: saved a checkpoint at step {preempted.step} in {_WORKDIR.value}; '
-      'run the same command to resume.',
-      file=sys.stderr,
+    print(preempted.message(_WORKDIR.value), file=sys.stderr)
+    sys.exit(preempted.exit_code)
+  except KeyboardInterrupt:  # Ctrl-C outside the training steps (set-up, evaluation mode).
+    fail(
+      f'interrupted (Ctrl-C); the checkpoints already saved in {_WORKDIR.value} are kept.', SIGINT_EXIT_CODE
     )
-    sys.exit(SIGTERM_EXIT_CODE)
   except (
     ConfigError,
     loop.TrainingError,

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,12 @@ def run_train(*args: str, devices: int = 1, env: dict | None = None, timeout: fl
   )
 
 
+def restore_sigint() -> None:
+  """SIGINT as at a terminal: a background process of a non-interactive shell starts with it
+  ignored (and Python then installs no KeyboardInterrupt handler), so a test's Ctrl-C would not land."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_train(args, log_path, devices: int = 1, env: dict | None = None) -> subprocess.Popen:
   """`python train.py ARGS` started in the background, stdout and stderr to `log_path`."""
   with open(log_path, 'w') as log:
@@ -146,6 +153,7 @@ def start_train(args, log_path, devices: int = 1, env: dict | None = None) -> su
       env=_train_env(devices, env),
       stdout=log,
       stderr=subprocess.STDOUT,
+      preexec_fn=restore_sigint,
     )
 
 

@@ -172,17 +172,25 @@ def test_with_every_recipe_on_a_sigkill_mid_accumulation_then_restart_ends_as_un
   assert not torch.equal(weights, ema_weights)
 
 
-def test_sigterm_saves_the_current_step_and_the_next_start_resumes_there(
-  tmp_path, digits_data_dir, uninterrupted
+@pytest.mark.parametrize(
+  ('signum', 'name'), [(signal.SIGTERM, 'SIGTERM'), (signal.SIGINT, 'Ctrl-C')], ids=['SIGTERM', 'Ctrl-C']
+)
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_the_next_start_resumes_there(
+  tmp_path, digits_data_dir, uninterrupted, signum, name
 ):
   args = digits_args(tmp_path, digits_data_dir)
   process = start_train(args, tmp_path / 'terminated.log')
   wait_for_step(process, tmp_path, 20)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   returncode = process.wait(timeout=PROCESS_EXIT_TIMEOUT)
   log = (tmp_path / 'terminated.log').read_text()
-  assert returncode == 128 + signal.SIGTERM, log[-3000:]
-  saved_step = int(log.split('SIGTERM: saved a checkpoint at step ')[1].split()[0])
+  assert returncode == 128 + signum, log[-3000:]
+  assert 'Traceback' not in log, log[-3000:]
+  last_line = log.strip().splitlines()[-1]
+  assert last_line.startswith(f'{name}: saved a checkpoint at step ') and last_line.endswith(
+    'run the same command to resume.'
+  )
+  saved_step = int(last_line.split('saved a checkpoint at step ')[1].split()[0])
   assert 20 <= saved_step < STEPS and (tmp_path / 'checkpoints' / str(saved_step)).is_dir()
   result = run_train(*args)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_train
+from conftest import REPO, restore_sigint, run_train
 
 CASES = {
   'unknown config key': ([], ['--config.batch_sise=64'], 1, "unknown config key 'batch_sise'"),
@@ -71,3 +71,32 @@ def test_train_restarts_once_with_huge_page_malloc_unless_told_otherwise(given, 
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines() == runs
+
+
+SECOND_CTRL_C = """
+import signal
+from densenet_jax.train.checkpoints import PreemptionWatcher
+watcher = PreemptionWatcher(manager=None)
+signal.raise_signal(signal.SIGINT)
+print('after the first: save at step 7' if watcher.reached(7) else 'after the first: not noticed', flush=True)
+signal.raise_signal(signal.SIGINT)
+print('after the second: still running', flush=True)
+"""
+
+
+def test_a_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once():
+  result = subprocess.run(
+    [sys.executable, '-c', SECOND_CTRL_C],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    preexec_fn=restore_sigint,
+  )
+  assert result.returncode == 130, result.stderr
+  assert result.stdout.splitlines() == ['after the first: save at step 7']
+  assert result.stderr.splitlines() == [
+    'Ctrl-C: saving after this step (press again to stop at once).',
+    'error: Ctrl-C twice: stopped at once, without saving this step.',
+  ]

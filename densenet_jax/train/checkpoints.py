@@ -1,6 +1,8 @@
-"""Checkpoints of the train state (Orbax), unreadable ones set aside, and preemption (SIGTERM)."""
+"""Checkpoints of the train state (Orbax), unreadable ones set aside, and preemption (SIGTERM, Ctrl-C)."""
 
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -15,14 +17,24 @@ from densenet_jax.train.sharding import to_host
 from densenet_jax.train.steps import TrainState
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+SIGINT_EXIT_CODE = 128 + signal.SIGINT  # what a shell reports for a Ctrl-C
 
 
 class Preempted(Exception):  # noqa: N818  (not an error: the run saved and will resume)
-  """SIGTERM arrived; the state was saved at `step`."""
+  """SIGTERM or SIGINT (Ctrl-C) arrived; the state was saved at `step`."""
 
-  def __init__(self, step: int):
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
     super().__init__(step)
     self.step = step
+    self.signum = signum
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+  def message(self, workdir: str) -> str:
+    cause = 'Ctrl-C' if self.signum == signal.SIGINT else signal.Signals(self.signum).name
+    return f'{cause}: saved a checkpoint at step {self.step} in {workdir}; run the same command to resume.'
 
 
 class Checkpoints:
@@ -230,25 +242,46 @@ def tree_differences(saved: dict[str, tuple], expected: dict[str, tuple]) -> lis
 
 
 class PreemptionWatcher:
-  """Notices SIGTERM: on one process via a signal handler, across processes via JAX's
-  preemption sync point (which makes every process stop at the same step)."""
+  """Notices SIGTERM and Ctrl-C (SIGINT) so that the loop saves at the next step boundary.
+
+  On one process via signal handlers; across processes via JAX's preemption sync point (which
+  makes every process stop at the same step), to which a Ctrl-C is handed on as SIGTERM. A second
+  Ctrl-C stops the process at once (the checkpoints already committed are kept: orbax commits a
+  checkpoint by renaming it into place).
+  """
 
   def __init__(self, manager: ocp.CheckpointManager):
     self.manager = manager
-    self.signalled = False
-    self.previous = None
+    self.signum: int | None = None
+    self.previous: dict[int, Any] = {}
     if jax.process_count() == 1:
-      self.previous = signal.signal(signal.SIGTERM, self._handler)
+      self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ignored (nohup, `&`): leave it so.
+      self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
   def _handler(self, signum, frame):
-    del signum, frame
-    self.signalled = True
+    del frame
+    self.signum = signum
+
+  def _interrupt(self, signum, frame):
+    if self.signum == signal.SIGINT:
+      print('error: Ctrl-C twice: stopped at once, without saving this step.', file=sys.stderr, flush=True)
+      os._exit(SIGINT_EXIT_CODE)
+    print('Ctrl-C: saving after this step (press again to stop at once).', file=sys.stderr, flush=True)
+    self._handler(signum, frame)
+    if jax.process_count() > 1:  # JAX's preemption service listens for SIGTERM.
+      signal.raise_signal(signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
-      return self.signalled
+      return self.signum is not None
     return self.manager.reached_preemption(step)
 
+  def preempted(self, step: int) -> Preempted:
+    """The exception that ends the run after the save at `step`."""
+    return Preempted(step, self.signum if self.signum is not None else signal.SIGTERM)
+
   def close(self) -> None:
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+    for signum, previous in self.previous.items():
+      signal.signal(signum, previous)
+    self.previous = {}

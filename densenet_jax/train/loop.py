@@ -23,7 +23,7 @@ import numpy as np
 
 from densenet_jax import convert
 from densenet_jax.train import input_pipeline, plateau
-from densenet_jax.train.checkpoints import Checkpoints, Preempted, PreemptionWatcher
+from densenet_jax.train.checkpoints import Checkpoints, PreemptionWatcher
 from densenet_jax.train.registry import ConfigError, learning_rate_scale, plateau_scheduler
 from densenet_jax.train.reporting import Reporter, log, print_summary
 from densenet_jax.train.setup import Setup, load_init_from, setup
@@ -77,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ConfigError, input_pipeline.DataError: the config or data cannot run, or the workdir's
       checkpoint does not fit the config (nothing is written).
     TrainingError: a non-finite loss; the checkpoints saved before it are kept.
-    Preempted: SIGTERM arrived; the state was saved first.
+    Preempted: SIGTERM or Ctrl-C arrived; the state was saved first.
   """
   s = setup(config, workdir)
   config = s.config  # With the batch sizes resolved.
@@ -176,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if watcher.reached(step):
         save(state)
         checkpoints.close()
-        raise Preempted(step)
+        raise watcher.preempted(step)
       is_last = step == s.total_steps
       if step % config.log_every_steps == 0 or is_last:
         state, last_train_metrics = report_train(state)
