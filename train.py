@@ -102,19 +102,22 @@ def main(argv: list[str]) -> None:
 
   import jax
 
-  from densenet_jax.torchvision_port import StateDictError
-  from densenet_jax.train import distributed, input_pipeline, loop
-  from densenet_jax.train.checkpoints import SIGINT_EXIT_CODE, Preempted
-  from densenet_jax.train.registry import ConfigError
-  from densenet_jax.weights import PretrainedError
+  from densenet_jax.train.reporting import quiet_native_startup
+
+  with quiet_native_startup():  # TensorFlow's C++ start-up lines, before the run's first line.
+    import tensorflow as tf
+
+    from densenet_jax.torchvision_port import StateDictError
+    from densenet_jax.train import distributed, input_pipeline, loop
+    from densenet_jax.train.checkpoints import SIGINT_EXIT_CODE, Preempted
+    from densenet_jax.train.registry import ConfigError
+    from densenet_jax.weights import PretrainedError
 
   is_distributed = False
   try:
     is_distributed = distributed.initialize_distributed(config)
     if config.compilation_cache_dir:
       jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir))
-    import tensorflow as tf
-
     tf.config.set_visible_devices([], 'GPU')  # tf.data only: leave the accelerators to JAX.
     # The imports leave about 470,000 objects that live as long as the process; the full
     # collections that tracing the train step sets off would scan them all again. Frozen, they

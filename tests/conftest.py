@@ -113,7 +113,7 @@ def digits_data_dir(tmp_path_factory) -> pathlib.Path:
   return data_dir
 
 
-def _train_env(devices: int, env: dict | None) -> dict:
+def train_env(devices: int, env: dict | None) -> dict:
   return {
     **os.environ,
     'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
@@ -131,7 +131,7 @@ def run_train(*args: str, devices: int = 1, env: dict | None = None, timeout: fl
   return subprocess.run(
     [sys.executable, str(REPO / 'train.py'), *args],
     cwd=REPO,
-    env=_train_env(devices, env),
+    env=train_env(devices, env),
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -150,7 +150,7 @@ def start_train(args, log_path, devices: int = 1, env: dict | None = None) -> su
     return subprocess.Popen(
       [sys.executable, str(REPO / 'train.py'), *args],
       cwd=REPO,
-      env=_train_env(devices, env),
+      env=train_env(devices, env),
       stdout=log,
       stderr=subprocess.STDOUT,
       preexec_fn=restore_sigint,

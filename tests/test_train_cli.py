@@ -1,11 +1,14 @@
 """`python train.py` refuses bad input with one line that names the fix: no traceback, non-zero exit."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, restore_sigint, run_train
+from conftest import REPO, restore_sigint, run_train, train_env
+
+from densenet_jax.train import reporting
 
 CASES = {
   'unknown config key': ([], ['--config.batch_sise=64'], 1, "unknown config key 'batch_sise'"),
@@ -100,3 +103,47 @@ def test_a_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once():
     'Ctrl-C: saving after this step (press again to stop at once).',
     'error: Ctrl-C twice: stopped at once, without saving this step.',
   ]
+
+
+def test_the_first_line_of_a_run_is_ours(tmp_path, digits_data_dir):
+  """No TensorFlow/absl C++ start-up lines before the run's first line (stdout and stderr in order)."""
+  result = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / 'train.py'),
+      '--config=configs/digits.py',
+      f'--workdir={tmp_path}',
+      f'--config.data_dir={digits_data_dir}',
+      '--config.model_kwargs.depth=10',
+      '--config.total_steps=1',
+      '--config.progress_bar=False',
+      '--config.compilation_cache_dir=',
+    ],
+    cwd=REPO,
+    env={**train_env(1, None), 'PYTHONUNBUFFERED': '1'},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stdout[-3000:]
+  first = result.stdout.splitlines()[0]
+  assert re.match(r'\d\d:\d\d:\d\d Training densenet_cifar on sklearn_digits', first), result.stdout[:2000]
+  assert 'absl::InitializeLog' not in result.stdout and 'oneDNN' not in result.stdout
+
+
+def test_start_up_info_lines_are_hidden_and_warnings_and_errors_pass(capfd):
+  with reporting.quiet_native_startup():
+    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n')
+    os.write(2, b'I0000 00:00:1796322291.196432   25991 port.cc:153] oneDNN custom operations are on.\n')
+    os.write(2, b'W1203 18:23:50.623218 140567 file_utils.py:394] a real warning\n')
+    os.write(2, b'E0000 00:00:1796322291.196432   25991 cuda.cc:12] a real error\n')
+    print('a Python warning', file=sys.stderr)
+  # (Under capfd, Python's sys.stderr is pytest's, not file descriptor 2: compare without order.)
+  assert sorted(capfd.readouterr().err.splitlines()) == sorted(
+    [
+      'W1203 18:23:50.623218 140567 file_utils.py:394] a real warning',
+      'E0000 00:00:1796322291.196432   25991 cuda.cc:12] a real error',
+      'a Python warning',
+    ]
+  )

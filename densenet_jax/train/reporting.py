@@ -5,11 +5,16 @@ cannot append, so metrics.jsonl and the TensorBoard events are written whole eac
 one record per log line).
 """
 
+import contextlib
 import io
 import json
 import os
+import re
 import socket
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -17,6 +22,36 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from etils import epath
+
+# What TensorFlow's C++ side writes to stderr on import, whatever TF_CPP_MIN_LOG_LEVEL says: absl's
+# notice that logging is not initialized yet, and INFO lines (oneDNN is on), once per library.
+NATIVE_STARTUP_NOISE = re.compile(
+  r'WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$'
+  r'|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] '
+)
+
+
+@contextlib.contextmanager
+def quiet_native_startup() -> Iterator[None]:
+  """Hides native libraries' start-up INFO lines written to stderr (file descriptor 2) in the block.
+
+  Everything else written there (warnings, errors, Python's own) reaches stderr when the block ends.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode(errors='replace').splitlines(keepends=True):
+        if not NATIVE_STARTUP_NOISE.match(line):
+          sys.stderr.write(line)
+      sys.stderr.flush()
 
 
 def log(message: str) -> None:
