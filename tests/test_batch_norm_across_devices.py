@@ -12,8 +12,9 @@ import sys
 import pytest
 from conftest import KERNELS, REPO
 
-# One process with 4 devices that compiles each check for each kernel set: the full suite.
-pytestmark = pytest.mark.slow
+# One process with 4 devices that compiles each check for each kernel set: the full suite. One
+# pytest-xdist worker runs the module, so that the process runs once (a module fixture is per worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('across_devices')]
 
 
 @pytest.fixture(scope='module')
