@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -138,22 +137,26 @@ def run_train(*args: str, devices: int = 1, env: dict | None = None, timeout: fl
   )
 
 
-def restore_sigint() -> None:
-  """SIGINT as at a terminal: a background process of a non-interactive shell starts with it
-  ignored (and Python then installs no KeyboardInterrupt handler), so a test's Ctrl-C would not land."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# `python` with SIGINT at its default, as at a terminal: a background process of a non-interactive
+# shell starts with it ignored (and Python then installs no KeyboardInterrupt handler), so a test's
+# Ctrl-C would not land. The exec keeps the default; a preexec_fn would fork a threaded process.
+PYTHON_WITH_SIGINT = [
+  sys.executable,
+  '-c',
+  'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+  'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])',
+]
 
 
 def start_train(args, log_path, devices: int = 1, env: dict | None = None) -> subprocess.Popen:
   """`python train.py ARGS` started in the background, stdout and stderr to `log_path`."""
   with open(log_path, 'w') as log:
     return subprocess.Popen(
-      [sys.executable, str(REPO / 'train.py'), *args],
+      [*PYTHON_WITH_SIGINT, str(REPO / 'train.py'), *args],
       cwd=REPO,
       env=train_env(devices, env),
       stdout=log,
       stderr=subprocess.STDOUT,
-      preexec_fn=restore_sigint,
     )
 
 

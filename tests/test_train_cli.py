@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, restore_sigint, run_train, train_env
+from conftest import PYTHON_WITH_SIGINT, REPO, run_train, train_env
 
 from densenet_jax.train import reporting
 
@@ -89,13 +89,12 @@ print('after the second: still running', flush=True)
 
 def test_a_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once():
   result = subprocess.run(
-    [sys.executable, '-c', SECOND_CTRL_C],
+    [*PYTHON_WITH_SIGINT, '-c', SECOND_CTRL_C],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=300,
     env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-    preexec_fn=restore_sigint,
   )
   assert result.returncode == 130, result.stderr
   assert result.stdout.splitlines() == ['after the first: save at step 7']
