@@ -71,7 +71,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    fail(f'{error}. See --helpshort.', 2)
+    fail(f'{str(error).rstrip(".")}. See --helpshort.', 2)
+  except OSError as error:  # The config file cannot be read.
+    missing = re.search(r"No such file or directory: '(.+)'", str(error))
+    what = f'{missing.group(1)!r}: no such file' if missing else str(error).strip().splitlines()[-1].strip()
+    fail(f'cannot load the config file {what}; see configs/ (e.g. configs/digits.py).', 2)
   except (KeyError, AttributeError) as error:
     # ml_collections' message is a repr of a repr; take the key and its suggestion out of it.
     text = str(error).replace('\\', '')
@@ -95,7 +99,14 @@ def main(argv: list[str]) -> None:
     fail(f'unexpected arguments {argv[1:]}; settings go in --config.NAME=VALUE.', 2)
   config = _CONFIG.value
   if not isinstance(config, config_dict.ConfigDict):
-    fail(f'cannot load the config file {flags.FLAGS["config"].config_filename!r}: {config!r}.', 2)
+    path = flags.FLAGS['config'].config_filename
+    reason = (
+      'no such file' if not os.path.exists(path) else 'it defines no get_config() returning a ConfigDict'
+    )
+    fail(
+      f'cannot load the config file {path!r}: {reason}; see configs/ (e.g. configs/digits.py).',
+      2,
+    )
   # The loop prints the progress; absl logging (orbax's, JAX's) only for warnings, unless asked.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)

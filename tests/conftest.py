@@ -1,13 +1,16 @@
 """Shared fixtures: the reference data computed by real torchvision (tests/data/)."""
 
+import dataclasses
 import importlib
 import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -181,3 +184,60 @@ def pytest_unconfigure(config):
   """The run's XLA cache goes with the run, removed by the process that made it (not a worker)."""
   if not hasattr(config, 'workerinput'):
     shutil.rmtree(XLA_CACHE, ignore_errors=True)
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Bucket:
+  name: str
+  env: dict[str, str]  # What points each client of a train.py process at the emulator.
+  fs: object  # gcsfs, for the test's own reads.
+
+  def read(self, path: str) -> bytes:
+    return self.fs.cat(f'{self.name}/{path}')
+
+  def exists(self, path: str) -> bool:
+    self.fs.invalidate_cache()
+    return self.fs.exists(f'{self.name}/{path}')
+
+
+@pytest.fixture
+def gcs_bucket(tmp_path):
+  """A bucket in a local GCS server (tests/gcs_emulator.py), and the environment that reaches it.
+
+  Orbax's arrays go through tensorstore (TENSORSTORE_GCS_HTTP_URL); every other file through
+  etils.epath, here on its fsspec backend, gcsfs (STORAGE_EMULATOR_HOST): the backend it takes
+  where TensorFlow is installed, tf.io.gfile, has GCS's endpoint built in (EPATH_USE_TF=false).
+  """
+  # gcsfs's newer file system first asks GCS's control API (gRPC, which the emulator lacks) for
+  # the bucket's layout, and waits 60 s for each answer: the plain one is what the emulator serves.
+  no_layout_lookup = {'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  os.environ.update(no_layout_lookup)  # before gcsfs is imported
+  gcsfs = optional_module('gcsfs')
+  optional_module('gcp_storage_emulator')
+  port, name = free_port(), 'densenet-jax-test'
+  url = f'http://localhost:{port}'
+  with open(tmp_path / 'emulator.log', 'w') as log:
+    server = subprocess.Popen(
+      [sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port), name], stdout=log, stderr=log
+    )
+  try:
+    deadline = time.monotonic() + 900
+    while True:
+      try:
+        socket.create_connection(('localhost', port), timeout=1).close()
+        break
+      except OSError:
+        assert time.monotonic() < deadline and server.poll() is None, (tmp_path / 'emulator.log').read_text()
+        time.sleep(0.1)
+    env = {'EPATH_USE_TF': 'false', 'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url}
+    env.update(no_layout_lookup)
+    yield Bucket(name, env, gcsfs.GCSFileSystem(endpoint_url=url, token='anon'))
+  finally:
+    server.kill()
+    server.wait()

@@ -3,12 +3,10 @@ as one process or several, and is deterministic: each run is the digits config w
 DenseNet-BC, shortened to 50 steps (2.3 epochs), with the defaults a user gets (the XLA cache in the
 session's directory)."""
 
-import dataclasses
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, XLA_CACHE, optional_module, read_metrics, run_train, start_train
+from conftest import REPO, XLA_CACHE, free_port, optional_module, read_metrics, run_train, start_train
 
 from densenet_jax import convert
 
@@ -292,57 +290,6 @@ def test_a_checkpoint_that_does_not_fit_the_config_stops_the_run_and_changes_not
   assert files_and_contents(workdir) == before  # nothing moved aside, rewritten or added
 
 
-@dataclasses.dataclass
-class Bucket:
-  name: str
-  env: dict[str, str]  # What points each client of a train.py process at the emulator.
-  fs: object  # gcsfs, for the test's own reads.
-
-  def read(self, path: str) -> bytes:
-    return self.fs.cat(f'{self.name}/{path}')
-
-  def exists(self, path: str) -> bool:
-    self.fs.invalidate_cache()
-    return self.fs.exists(f'{self.name}/{path}')
-
-
-@pytest.fixture
-def gcs_bucket(tmp_path):
-  """A bucket in a local GCS server (tests/gcs_emulator.py), and the environment that reaches it.
-
-  Orbax's arrays go through tensorstore (TENSORSTORE_GCS_HTTP_URL); every other file through
-  etils.epath, here on its fsspec backend, gcsfs (STORAGE_EMULATOR_HOST): the backend it takes
-  where TensorFlow is installed, tf.io.gfile, has GCS's endpoint built in (EPATH_USE_TF=false).
-  """
-  # gcsfs's newer file system first asks GCS's control API (gRPC, which the emulator lacks) for
-  # the bucket's layout, and waits 60 s for each answer: the plain one is what the emulator serves.
-  no_layout_lookup = {'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
-  os.environ.update(no_layout_lookup)  # before gcsfs is imported
-  gcsfs = optional_module('gcsfs')
-  optional_module('gcp_storage_emulator')
-  port, name = free_port(), 'densenet-jax-test'
-  url = f'http://localhost:{port}'
-  with open(tmp_path / 'emulator.log', 'w') as log:
-    server = subprocess.Popen(
-      [sys.executable, str(REPO / 'tests' / 'gcs_emulator.py'), str(port), name], stdout=log, stderr=log
-    )
-  try:
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    while True:
-      try:
-        socket.create_connection(('localhost', port), timeout=1).close()
-        break
-      except OSError:
-        assert time.monotonic() < deadline and server.poll() is None, (tmp_path / 'emulator.log').read_text()
-        time.sleep(0.1)
-    env = {'EPATH_USE_TF': 'false', 'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url}
-    env.update(no_layout_lookup)
-    yield Bucket(name, env, gcsfs.GCSFileSystem(endpoint_url=url, token='anon'))
-  finally:
-    server.kill()
-    server.wait()
-
-
 def test_a_gs_workdir_killed_and_rerun_ends_as_the_uninterrupted_run_with_nothing_local(
   tmp_path, digits_data_dir, uninterrupted, gcs_bucket
 ):
@@ -388,12 +335,6 @@ def test_a_gs_workdir_killed_and_rerun_ends_as_the_uninterrupted_run_with_nothin
   assert state_dict['classifier.weight'].shape == (10, 48)  # BC-16, growth 12: 24 + 2 x 12 features
   # Nothing went to a local folder named after the URI (what pathlib makes of gs://...).
   assert not (REPO / 'gs:').exists() and not (tmp_path / 'gs:').exists()
-
-
-def free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('localhost', 0))
-    return sock.getsockname()[1]
 
 
 TWO_PROCESSES = ['--config.num_data_shards=2']  # The same data order for 1 and 2 processes.

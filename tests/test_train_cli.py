@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PYTHON_WITH_SIGINT, REPO, run_train, train_env
+from conftest import PYTHON_WITH_SIGINT, REPO, free_port, run_train, train_env
 
 from densenet_jax.train import reporting
 
@@ -36,9 +36,65 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize('case', list(CASES))
+# More of the same, each its own process: the full suite (`pytest -m ''`).
+MORE_CASES = {
+  'missing config file': (
+    ['--config=configs/nope.py'],
+    [],
+    1,
+    "cannot load the config file 'configs/nope.py': no such",
+  ),
+  'wrong type': ([], ['--config.batch_size=abc'], 1, '--config.batch_size=abc: invalid literal for int()'),
+  'zero batch size': (
+    [],
+    ['--config.batch_size=0'],
+    1,
+    'config.batch_size must be a positive integer, got 0',
+  ),
+  'fraction out of range': (
+    [],
+    ['--config.validation_fraction=1.5'],
+    1,
+    'validation_fraction=1.5 must be in [0, 1)',
+  ),
+  'unknown dtype': ([], ['--config.dtype=float16'], 1, "config.dtype='float16' is not one of"),
+  'unknown optimizer': ([], ['--config.optimizer=lamb'], 1, "config.optimizer='lamb' is not one of"),
+  'unknown mode': ([], ['--config.mode=predict'], 1, "config.mode='predict' is not one of 'train', 'eval'"),
+  'randaugment out of range': ([], ['--config.randaugment=(2, 20)'], 1, 'must be (layers, magnitude)'),
+  'depth off the CIFAR rule': ([], ['--config.model_kwargs.depth=41'], 1, 'depth 41 does not fit the CIFAR'),
+  'plateau factor above 1': (
+    [],
+    ['--config.schedule=plateau', '--config.validation_fraction=0.1', '--config.plateau_factor=2.0'],
+    1,
+    'config.plateau_factor=2.0 must be in (0, 1)',
+  ),
+  'best metric without its split': (
+    [],
+    ['--config.best_checkpoint_metric=val_top1'],
+    1,
+    'needs a validation split',
+  ),
+  'missing init_from file': (
+    [],
+    ['--config.init_from=/nonexistent/w.safetensors'],
+    1,
+    'is neither a pretrained',
+  ),
+  'eval with nothing to evaluate': ([], ['--config.mode=eval'], 1, 'nothing to evaluate'),
+  'a positional argument': (
+    [],
+    ['extra'],
+    1,
+    "unexpected arguments ['extra']; settings go in --config.NAME=VALUE",
+  ),
+}
+
+
+@pytest.mark.parametrize(
+  'case', [*CASES, *(pytest.param(case, marks=pytest.mark.slow) for case in MORE_CASES)]
+)
 def test_bad_input_is_one_clear_line(tmp_path, digits_data_dir, case):
-  config_args, overrides, devices, expected = CASES[case]
+  config_args, overrides, devices, expected = {**CASES, **MORE_CASES}[case]
   data_dir = digits_data_dir if not config_args else tmp_path / 'empty_tfds'
   workdir = tmp_path / 'run'
   result = run_train(
@@ -146,3 +202,39 @@ def test_start_up_info_lines_are_hidden_and_warnings_and_errors_pass(capfd):
       'a Python warning',
     ]
   )
+
+
+@pytest.mark.parametrize('where', ['a file', 'inside a file'])
+def test_a_workdir_that_is_or_is_inside_a_file_is_one_line_and_the_file_is_untouched(tmp_path, where):
+  existing = tmp_path / 'notes.txt'
+  existing.write_text('a user file\n')
+  workdir = existing if where == 'a file' else existing / 'run'
+  result = run_train('--config=configs/digits.py', f'--workdir={workdir}', f'--config.data_dir={tmp_path}')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith(f'error: --workdir={workdir} ') and 'give a folder' in last_line, last_line
+  assert existing.read_text() == 'a user file\n' and sorted(os.listdir(tmp_path)) == ['notes.txt']
+
+
+@pytest.mark.slow  # gcsfs retries a refused connection for about a minute before it gives up
+@pytest.mark.parametrize('bucket_state', ['no such bucket', 'unreachable'])
+def test_a_gs_workdir_that_cannot_be_used_is_one_line_before_any_data_or_model_work(
+  tmp_path, gcs_bucket, bucket_state
+):
+  env = dict(gcs_bucket.env)
+  if bucket_state == 'unreachable':  # Nothing listens there.
+    env['STORAGE_EMULATOR_HOST'] = env['TENSORSTORE_GCS_HTTP_URL'] = f'http://localhost:{free_port()}'
+  workdir = f'gs://{"no-such-bucket" if bucket_state == "no such bucket" else gcs_bucket.name}/run'
+  # A data_dir that holds nothing: the check comes before the data would be prepared.
+  data_dir = tmp_path / 'tensorflow_datasets'
+  data_dir.mkdir()
+  result = run_train(
+    '--config=configs/digits.py', f'--workdir={workdir}', f'--config.data_dir={data_dir}', env=env
+  )
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  expected = (
+    "there is no bucket 'no-such-bucket'" if bucket_state == 'no such bucket' else 'cannot reach the workdir'
+  )
+  assert last_line.startswith('error: ') and expected in last_line, last_line
+  assert os.listdir(data_dir) == [] and not gcs_bucket.exists('run')

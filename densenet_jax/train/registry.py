@@ -138,6 +138,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.
     return MODELS[config.model](num_classes=num_classes, **kwargs)
   except TypeError as error:  # An unknown keyword.
     raise ConfigError(f'config.model_kwargs do not fit {config.model!r}: {error}.') from error
+  except ValueError as error:  # The model's own check of a value (e.g. a CIFAR depth off its rule).
+    raise ConfigError(f'config.model_kwargs: {error}') from error
 
 
 def base_learning_rate(config: ml_collections.ConfigDict) -> float:

@@ -5,7 +5,10 @@ puts `config.init_from`'s weights (pretrained, a state dict file or a checkpoint
 """
 
 import dataclasses
+import logging
 import os
+import pathlib
+import urllib.parse
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -20,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from densenet_jax import convert, models, weights
-from densenet_jax.paths import as_path
+from densenet_jax.paths import as_path, is_local
 from densenet_jax.torchvision_port import from_torchvision
 from densenet_jax.train import input_pipeline
 from densenet_jax.train.registry import (
@@ -63,6 +66,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setu
     config.batch_size = config.eval_batch_size = config.per_device_batch_size * jax.device_count()
   validate_config(config)
   workdir = as_path(workdir)
+  check_workdir(workdir)
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
   data_sharding = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
@@ -104,6 +108,44 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setu
     abstract_state,
     create_state,
   )
+
+
+def check_workdir(workdir: epath.Path) -> None:
+  """Fails before any data or model work if the run could not write `workdir`; writes nothing.
+
+  Raises:
+    ConfigError: a local workdir that is a file, is inside one or lies in a folder this user cannot
+      write; an object-store workdir (gs://...) whose bucket does not exist or cannot be reached (no
+      network, no credentials, forbidden).
+  """
+  if is_local(workdir):
+    local = pathlib.Path(workdir)
+    existing = next(path for path in (local, *local.parents) if path.exists())
+    if not existing.is_dir():
+      where = 'is a file' if existing == local else f'is inside {existing}, which is a file'
+      raise ConfigError(
+        f'--workdir={workdir} {where}: give a folder (a new one, or the workdir of a run to resume).'
+      )
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise ConfigError(f'--workdir={workdir} cannot be written: this user may not write in {existing}.')
+    return
+  url = urllib.parse.urlsplit(os.fspath(workdir))
+  logging.disable(logging.ERROR)  # A backend's own retry log (with tracebacks): the line below says it.
+  try:
+    bucket_exists = as_path(f'{url.scheme}://{url.netloc}').exists()
+  except Exception as error:  # Each file-system backend raises its own (tf.errors, OSError, ...).
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    raise ConfigError(
+      f'cannot reach the workdir {workdir} ({type(error).__name__}: {reason}); check the bucket name, '
+      "the network and this machine's credentials (gcloud auth application-default login)."
+    ) from error
+  finally:
+    logging.disable(logging.NOTSET)
+  if not bucket_exists:
+    raise ConfigError(
+      f'--workdir={workdir}: there is no bucket {url.netloc!r} (or these credentials cannot see it); '
+      f'fix the name or create it (gcloud storage buckets create {url.scheme}://{url.netloc}).'
+    )
 
 
 def with_ema(config: ml_collections.ConfigDict, state: TrainState) -> TrainState:
