@@ -13,11 +13,12 @@ import pytest
 from conftest import KERNELS, REPO
 
 # One process with 4 devices that compiles each check for each kernel set: the full suite. One
-# pytest-xdist worker runs the module, so that the process runs once (a module fixture is per worker).
+# pytest-xdist worker runs the module and the fixture is per session, so that the process runs once
+# (a module fixture is set up again whenever a worker runs another module's test in between).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('across_devices')]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def results() -> dict:
   env = {
     **os.environ,
