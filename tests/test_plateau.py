@@ -123,7 +123,10 @@ def test_the_config_fields_are_torchs_arguments():
     ({'plateau_threshold_mode': 'relative'}, "plateau_threshold_mode='relative' is not one of 'rel', 'abs'"),
     ({'plateau_patience': -1}, 'plateau_patience must be a non-negative integer'),
     ({'plateau_metric': 'val_accuracy'}, "plateau_metric='val_accuracy' is not an eval metric"),
-    ({'validation_fraction': 0.0}, 'there is no validation split: set config.validation_fraction'),
+    (
+      {'validation_fraction': 0.0},
+      "plateau_metric='val_loss' needs a validation split.*set config.validation_fraction",
+    ),
   ],
 )
 def test_bad_plateau_settings_are_named(overrides, message):

@@ -85,16 +85,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'config.randaugment={randaugment!r} must be (layers, magnitude) with layers >= 1 and magnitude in '
       "[0, 10], e.g. '(2, 9)' (timm's rand-m9-n2), or () for none."
     )
-  if config.best_checkpoint_metric and config.best_checkpoint_metric not in metrics:
-    raise ConfigError(
-      f'config.best_checkpoint_metric={config.best_checkpoint_metric!r} is not an eval metric: use one of '
-      f"{', '.join(map(repr, metrics))}, or '' to keep only the newest checkpoints."
-    )
-  if config.best_checkpoint_metric.startswith('val_') and not config.validation_fraction:
-    raise ConfigError(
-      f'config.best_checkpoint_metric={config.best_checkpoint_metric!r} needs a validation split: set '
-      'config.validation_fraction (e.g. 0.1).'
-    )
+  if config.best_checkpoint_metric:
+    _check_eval_metric(config, 'best_checkpoint_metric', metrics, "or '' to keep only the newest checkpoints")
   if not 0 <= config.ema_decay < 1:
     raise ConfigError(f'config.ema_decay={config.ema_decay} must be in [0, 1) (0 disables the EMA).')
   devices = jax.device_count()
@@ -107,18 +99,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
 
 
+def _check_eval_metric(config: ml_collections.ConfigDict, field: str, metrics: list[str], hint: str) -> None:
+  """`config[field]` names a metric the run evaluates; a val_* one needs the validation split."""
+  if config[field] not in metrics:
+    raise ConfigError(
+      f'config.{field}={config[field]!r} is not an eval metric: use one of '
+      f'{", ".join(map(repr, metrics))} ({hint}).'
+    )
+  if config[field].startswith('val_') and not config.validation_fraction:
+    raise ConfigError(
+      f'config.{field}={config[field]!r} needs a validation split, and there is none: set '
+      'config.validation_fraction (e.g. 0.1).'
+    )
+
+
 def _validate_plateau(config: ml_collections.ConfigDict, metrics: list[str]) -> None:
   """The checks of PyTorch's ReduceLROnPlateau constructor, and a metric that the run evaluates."""
-  if config.plateau_metric not in metrics:
-    raise ConfigError(
-      f'config.plateau_metric={config.plateau_metric!r} is not an eval metric: use one of '
-      f'{", ".join(map(repr, metrics))}.'
-    )
-  if config.plateau_metric.startswith('val_') and not config.validation_fraction:
-    raise ConfigError(
-      f"config.schedule='plateau' reduces the learning rate on {config.plateau_metric}, and there is no "
-      'validation split: set config.validation_fraction (e.g. 0.1).'
-    )
+  _check_eval_metric(config, 'plateau_metric', metrics, "the metric schedule='plateau' steps on")
   if not 0 < config.plateau_factor < 1:
     raise ConfigError(f'config.plateau_factor={config.plateau_factor} must be in (0, 1), e.g. 0.1.')
   for field in ('plateau_patience', 'plateau_cooldown'):
