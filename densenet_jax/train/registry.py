@@ -108,8 +108,7 @@ def _check_eval_metric(config: ml_collections.ConfigDict, field: str, metrics: l
     )
   if config[field].startswith('val_') and not config.validation_fraction:
     raise ConfigError(
-      f'config.{field}={config[field]!r} needs a validation split, and there is none: set '
-      'config.validation_fraction (e.g. 0.1).'
+      f'config.{field}={config[field]!r} needs a validation split: set config.validation_fraction (e.g. 0.1).'
     )
 
 
