@@ -27,7 +27,7 @@ from densenet_jax.train.checkpoints import Checkpoints, PreemptionWatcher
 from densenet_jax.train.registry import ConfigError, learning_rate_scale, plateau_scheduler
 from densenet_jax.train.reporting import Reporter, log, print_summary
 from densenet_jax.train.setup import Setup, load_init_from, setup
-from densenet_jax.train.sharding import param_checksum, prefetch_to_device, replicate, to_host
+from densenet_jax.train.sharding import StepPacer, param_checksum, prefetch_to_device, replicate, to_host
 from densenet_jax.train.steps import TrainState, eval_step, zero_train_metrics
 from densenet_jax.train.traced_step import jit_train_step
 
@@ -167,11 +167,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     s.data_sharding,
     config.prefetch_to_device,
     s.total_steps - start_step,
+    reporter.wait_clock,
   )
+  pacer = StepPacer()
   eval_metrics = None
   try:
     for step in range(start_step + 1, s.total_steps + 1):
       state = step_fn(state, next(batches))
+      pacer.stepped(state.step)
+      if step == start_step + 1:
+        reporter.restart_window(step)  # Speed and data wait from here: the first step compiled.
       reporter.progress(step)
       if watcher.reached(step):
         save(state)

@@ -23,6 +23,11 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from densenet_jax.train.sharding import WaitClock
+
+# Above this share of a reporting window spent waiting for the next batch, a run is input-bound.
+INPUT_BOUND_FRACTION = 0.1
+
 # What TensorFlow's C++ side writes to stderr on import, whatever TF_CPP_MIN_LOG_LEVEL says: absl's
 # notice that logging is not initialized yet, and INFO lines (oneDNN is on), once per library.
 NATIVE_STARTUP_NOISE = re.compile(
@@ -54,9 +59,9 @@ def quiet_native_startup() -> Iterator[None]:
       sys.stderr.flush()
 
 
-def log(message: str) -> None:
+def log(message: str, level: int = logging.INFO) -> None:
   """A timestamped line on stdout, from process 0 only (absl logging carries the details)."""
-  logging.info('%s', message)
+  logging.log(level, '%s', message)
   if jax.process_index() == 0:
     bar = Reporter.active_bar
     line = f'{time.strftime("%H:%M:%S")} {message}'
@@ -106,29 +111,49 @@ class Reporter:
         Reporter.active_bar = None if self.bar.disable else self.bar
     self.window_start = (start_step, time.perf_counter())
     self.step_seconds = None
+    self.wait_clock = WaitClock()  # Fed by the train batches' prefetcher.
+    self.warned_input_bound = False
+
+  def restart_window(self, step: int) -> None:
+    """Starts the timing window anew at `step` (after the first step: its compilation is not training)."""
+    self.window_start = (step, time.perf_counter())
+    self.wait_clock.lap()
 
   def progress(self, step: int) -> None:
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
 
   def train(self, step: int, metrics: dict[str, float]) -> None:
+    """Logs the training metrics of the window since the last report, with its speed and data wait."""
     first_step, started = self.window_start
     now = time.perf_counter()
+    window_seconds = now - started
     if step > first_step:
-      self.step_seconds = (now - started) / (step - first_step)
+      self.step_seconds = window_seconds / (step - first_step)
     self.window_start = (step, now)
+    # The share of the window the loop waited for the input pipeline (the devices idled for data).
+    data_wait = min(self.wait_clock.lap() / window_seconds, 1.0) if window_seconds > 0 else 0.0
     images_per_second = self.config.batch_size / self.step_seconds if self.step_seconds else 0.0
     eta = (self.total_steps - step) * (self.step_seconds or 0.0)
-    record = {'step': step, 'epoch': step / self.steps_per_epoch, **metrics}
+    record = {'step': step, 'epoch': step / self.steps_per_epoch, **metrics, 'data_wait': 100 * data_wait}
     message = (
       f'step {step}/{self.total_steps} (epoch {record["epoch"]:.2f}) '
       f'| train loss {metrics["train_loss"]:.4f} '
       f'| top-1 {100 * metrics["train_top1"]:.2f}% | lr {metrics["learning_rate"]:.4g} '
-      f'| {images_per_second:.1f} img/s | ETA {duration(eta)}'
+      f'| {images_per_second:.1f} img/s | data wait {100 * data_wait:.0f}% | ETA {duration(eta)}'
     )
     self._write(record, message, images_per_second=images_per_second)
     if self.bar is not None:
       self.bar.set_postfix(loss=f'{metrics["train_loss"]:.4f}', img_s=f'{images_per_second:.0f}')
+    if data_wait > INPUT_BOUND_FRACTION and step > first_step and not self.warned_input_bound:
+      self.warned_input_bound = True
+      log(
+        f'warning: the run is input-bound: it waited for the input pipeline {100 * data_wait:.0f}% of the '
+        f'time of steps {first_step + 1}-{step} (the data_wait metric). What helps: more host CPU cores per '
+        'accelerator chip (docs/performance.md), the dataset on a local disk or in the same region as the '
+        'hosts, lighter augmentation (config.randaugment).',
+        logging.WARNING,
+      )
 
   def eval(self, step: int, metrics: dict[str, float]) -> None:
     record = {'step': step, 'epoch': step / self.steps_per_epoch, **metrics}
@@ -144,7 +169,7 @@ class Reporter:
       )
     self._write(record, message)
     self.plot()
-    self.window_start = (step, time.perf_counter())  # Eval time is not training time.
+    self.restart_window(step)  # Eval time is not training time.
 
   def _write(self, record: dict, message: str, **extra_scalars: float) -> None:
     if not self.is_writer:

@@ -1,6 +1,7 @@
 """Values between the hosts and the device mesh: global batches, replicated state, host copies."""
 
 import collections
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,18 +33,68 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
   )
 
 
+class WaitClock:
+  """Seconds the training loop spent blocked waiting for the host input pipeline.
+
+  `prefetch_to_device` adds the time of every `next()` on the host iterator; the reporter reads
+  and resets it once per reporting window (`lap`).
+  """
+
+  def __init__(self):
+    self._seconds = 0.0
+
+  def add(self, seconds: float) -> None:
+    self._seconds += seconds
+
+  def lap(self) -> float:
+    """The seconds since the last lap."""
+    seconds, self._seconds = self._seconds, 0.0
+    return seconds
+
+
 def prefetch_to_device(
-  host_batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int, count: int
+  host_batches: Iterator[dict[str, np.ndarray]],
+  sharding: NamedSharding,
+  size: int,
+  count: int,
+  wait_clock: WaitClock | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
   """`count` global batches on the devices, `size` of them in flight ahead of the one in use.
 
   `jax.make_array_from_process_local_data` copies asynchronously, so the copies of the next
   batches overlap the step that runs (`flax.jax_utils.prefetch_to_device` does this for pmap).
+  With `wait_clock`, the time spent waiting for each host batch is added to it.
   """
   queue = collections.deque()
   fetched = 0
   for _ in range(count):
     while fetched < count and len(queue) <= size:
-      queue.append(global_batch(next(host_batches), sharding))
+      started = time.perf_counter()
+      local = next(host_batches)
+      if wait_clock is not None:
+        wait_clock.add(time.perf_counter() - started)
+      queue.append(global_batch(local, sharding))
       fetched += 1
     yield queue.popleft()
+
+
+class StepPacer:
+  """Keeps the host at most `depth` steps ahead of the devices.
+
+  JAX dispatches asynchronously, so without a bound the loop would run arbitrarily far ahead
+  and its time would say nothing about what the devices wait for. Bounded, the loop waits for
+  the devices when they are the slower side and for the input pipeline when it is, and the
+  time in `next()` (`WaitClock`) is the time the devices would idle without data. Each step
+  leaves a marker, a copy of its step counter (the state itself is donated to the next step).
+  """
+
+  def __init__(self, depth: int = 2):
+    self.depth = depth
+    self._markers = collections.deque()
+    self._copy = jax.jit(lambda x: x + 0)
+
+  def stepped(self, step_counter: jax.Array) -> None:
+    """Records the step just dispatched; waits for the one `depth` steps before it."""
+    self._markers.append(self._copy(step_counter))
+    if len(self._markers) > self.depth:
+      self._markers.popleft().block_until_ready()
