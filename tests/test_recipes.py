@@ -289,7 +289,7 @@ def test_the_validation_split_is_the_train_splits_tail_disjoint_and_the_same_eve
   )
   spec = input_pipeline.data_spec(config, digits_builder, 1)
   every = [
-    np.asarray(example['image'], np.float32)
+    np.asarray(example['image'])
     for example in tfds.as_numpy(digits_builder.as_dataset(split='train', shuffle_files=False))
   ]
   assert spec.num_validation_examples == round(0.2 * len(every)) and spec.num_train_examples == len(

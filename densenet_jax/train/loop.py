@@ -28,8 +28,8 @@ from densenet_jax.train.registry import ConfigError, learning_rate_scale, platea
 from densenet_jax.train.reporting import Reporter, log, print_summary
 from densenet_jax.train.setup import Setup, load_init_from, setup
 from densenet_jax.train.sharding import StepPacer, param_checksum, prefetch_to_device, replicate, to_host
-from densenet_jax.train.steps import TrainState, eval_step, zero_train_metrics
-from densenet_jax.train.traced_step import jit_train_step
+from densenet_jax.train.steps import TrainState, zero_train_metrics
+from densenet_jax.train.traced_step import jit_eval_step, jit_train_step
 
 
 class TrainingError(RuntimeError):
@@ -103,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # The learning rate schedule depends on the data's size, which is not in the config.
   step_fn = jit_train_step(config, s.replicated, s.data_sharding, (s.spec, s.total_steps))
-  eval_fn = jax.jit(eval_step, in_shardings=(s.replicated, s.data_sharding), out_shardings=s.replicated)
+  eval_fn = jit_eval_step(config, s.replicated, s.data_sharding)
   reset_metrics = jax.jit(
     lambda state: state.replace(train_metrics=zero_train_metrics()),
     out_shardings=s.replicated,
@@ -275,7 +275,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         'config.init_from.'
       )
     state = load_init_from(s, s.create_state())
-  eval_fn = jax.jit(eval_step, in_shardings=(s.replicated, s.data_sharding), out_shardings=s.replicated)
+  eval_fn = jit_eval_step(config, s.replicated, s.data_sharding)
   metrics = {'step': int(to_host(state.step)), **evaluate_state(s, eval_fn, state)}
   log(f'Eval of step {metrics["step"]} on {config.dataset}:{config.eval_split}: {metrics}')
   if jax.process_index() == 0:

@@ -1,9 +1,14 @@
-"""Image transforms of the input pipelines: decode, crop or resize, augment, normalise one image.
+"""Image transforms of the input pipelines: decode, crop or resize and augment one image, to uint8.
 
 Train: `config.train_augment` ('inception_crop', 'pad_crop', 'resize' or 'none'), flip,
 RandAugment, every random choice from the example's stateless seed; eval: `config.eval_preprocess`
-('center_crop' as torchvision's Resize + CenterCrop, 'resize' or 'none'). Resizing is antialiased,
-as torchvision's on tensors with `antialias=True`.
+('center_crop' as torchvision's Resize + CenterCrop, 'resize' or 'none'). Resizing is antialiased
+bilinear, as torchvision's (PIL's, and its tensors' with `antialias=True`), and images leave as
+uint8 pixels, as torchvision's transforms make them before `ToTensor`: a quarter of float32's
+bytes to batch and send. They are normalised on the devices (`steps.normalize`).
+
+A JPEG is decoded only where the output needs it: the crop window in training, and in eval the
+part of the image that the center crop of the resized image samples (`center_crop`).
 """
 
 import ml_collections
@@ -16,14 +21,18 @@ def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
   return tf.io.decode_image(encoded, channels=channels, expand_animations=False)
 
 
-def _inception_crop(encoded: tf.Tensor, size: int, channels: int, seed: tf.Tensor) -> tf.Tensor:
-  """Inception-style random resized crop (area 8%-100%, aspect 3/4-4/3), bilinear to `size`."""
-  is_jpeg = tf.io.is_jpeg(encoded)
-  shape = tf.cond(
-    is_jpeg,
+def _image_shape(encoded: tf.Tensor, channels: int) -> tf.Tensor:
+  """(height, width, channels) of an encoded image; a JPEG's read from its header, without decoding."""
+  return tf.cond(
+    tf.io.is_jpeg(encoded),
     lambda: tf.io.extract_jpeg_shape(encoded),
     lambda: tf.shape(_decode(encoded, channels)),
   )
+
+
+def _inception_crop(encoded: tf.Tensor, size: int, channels: int, seed: tf.Tensor) -> tf.Tensor:
+  """An Inception-style random crop (area 8%-100%, aspect 3/4-4/3) as RandomResizedCrop, resized."""
+  shape = _image_shape(encoded, channels)
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
     shape,
     bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
@@ -34,38 +43,90 @@ def _inception_crop(encoded: tf.Tensor, size: int, channels: int, seed: tf.Tenso
     max_attempts=10,
     use_image_if_no_bounding_boxes=True,
   )
-  window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-  # Decoding only the crop window saves most of the JPEG decode.
-  image = tf.cond(
-    is_jpeg,
-    lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=channels),
-    lambda: tf.slice(_decode(encoded, channels), [begin[0], begin[1], 0], [crop_size[0], crop_size[1], -1]),
-  )
+  return resized_crop(encoded, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), size, channels)
+
+
+def resized_crop(encoded: tf.Tensor, window: tf.Tensor, size: int, channels: int) -> tf.Tensor:
+  """torchvision's `resized_crop`: the window (top, left, height, width) resized to size x size.
+
+  Only the window of a JPEG is decoded, with one more pixel around it where the image has one: a
+  JPEG decoded up to a window's edge upsamples its colour there differently (up to 14 of 255 off).
+  The resize is antialiased bilinear, float32 out.
+  """
+  top, left, height, width = tf.unstack(window)
+  shape = _image_shape(encoded, channels)
+  first = tf.maximum(tf.stack([top, left]) - 1, 0)
+  end = tf.minimum(tf.stack([top + height, left + width]) + 1, shape[:2])
+  image = _decode_window(encoded, first, end, channels)
+  image = tf.slice(image, [top - first[0], left - first[1], 0], [height, width, -1])
   return tf.image.resize(image, [size, size], method='bilinear', antialias=True)
 
 
-def _center_crop(encoded: tf.Tensor, size: int, channels: int, crop_fraction: float) -> tf.Tensor:
-  """torchvision's eval transform: resize the short side to size / crop_fraction, center crop."""
-  image = _decode(encoded, channels)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (size / crop_fraction) / tf.reduce_min(shape)
-  resized = tf.cast(tf.round(shape * scale), tf.int32)
-  image = tf.image.resize(image, resized, method='bilinear', antialias=True)
-  top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
-  return tf.slice(image, [top, left, 0], [size, size, -1])
+def _decode_window(encoded: tf.Tensor, first: tf.Tensor, end: tf.Tensor, channels: int) -> tf.Tensor:
+  """Pixels [first, end) (rows, columns) of an image: of a JPEG, only those are decoded."""
+  window = tf.concat([first, end - first], 0)
+  return tf.cond(
+    tf.io.is_jpeg(encoded),
+    lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=channels),
+    lambda: tf.slice(_decode(encoded, channels), [first[0], first[1], 0], [window[2], window[3], -1]),
+  )
+
+
+def center_crop(encoded: tf.Tensor, size: int, channels: int, crop_fraction: float) -> tf.Tensor:
+  """torchvision's eval transform: Resize(int(size / crop_fraction)) (the short side), CenterCrop(size).
+
+  Computed in one antialiased resampling of only the rows and columns the crop samples (with the
+  filter's reach around them), so the JPEG is decoded only there: the same pixels as resizing the
+  whole image and cropping, for about half the decoding and resizing.
+  """
+  shape = _image_shape(encoded, channels)
+  height, width = shape[0], shape[1]
+  # torchvision's sizes: the short side to `resize`, the long one truncated; the crop's offset rounded.
+  resize = int(size / crop_fraction)
+  short, long = tf.minimum(height, width), tf.maximum(height, width)
+  new_long = tf.cast(resize * tf.cast(long, tf.float64) / tf.cast(short, tf.float64), tf.int32)
+  new_height = tf.where(height <= width, resize, new_long)
+  new_width = tf.where(height <= width, new_long, resize)
+  top = tf.cast(tf.round(tf.cast(new_height - size, tf.float64) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_width - size, tf.float64) / 2), tf.int32)
+  rows = _source_span(top, size, height, new_height)
+  columns = _source_span(left, size, width, new_width)
+  image = _decode_window(encoded, tf.stack([rows[0], columns[0]]), tf.stack([rows[1], columns[1]]), channels)
+  scale = tf.cast(tf.stack([new_height / height, new_width / width]), tf.float32)
+  # Output pixel (i, j) is pixel (top + i, left + j) of the whole resized image, in window coordinates.
+  first = tf.cast(tf.stack([rows[0], columns[0]]), tf.float32)
+  translation = first * scale - tf.cast(tf.stack([top, left]), tf.float32)
+  resized = tf.raw_ops.ScaleAndTranslate(
+    images=image[None], size=[size, size], scale=scale, translation=translation, kernel_type='triangle'
+  )[0]
+  return tf.ensure_shape(resized, [size, size, channels])
+
+
+def _source_span(start: tf.Tensor, count: int, length: tf.Tensor, resized_length: tf.Tensor) -> tuple:
+  """[first, end) of the source pixels that output pixels [start, start + count) of a resize read.
+
+  An antialiased bilinear resize from `length` to `resized_length` reads, for output pixel x, the
+  source pixels within max(length / resized_length, 1) of (x + 0.5) * length / resized_length;
+  one more pixel on each side keeps float rounding out of the edge.
+  """
+  ratio = tf.cast(length, tf.float64) / tf.cast(resized_length, tf.float64)
+  reach = tf.maximum(ratio, 1.0) + 1.0
+  first = tf.cast(tf.floor((tf.cast(start, tf.float64) + 0.5) * ratio - reach), tf.int32)
+  end = tf.cast(tf.math.ceil((tf.cast(start + count, tf.float64) - 0.5) * ratio + reach), tf.int32)
+  return tf.maximum(first, 0), tf.minimum(end, length)
 
 
 def _pad_crop(encoded: tf.Tensor, size: int, channels: int, padding: int, seed: tf.Tensor) -> tf.Tensor:
   """The CIFAR augmentation: zero-pad by `padding` pixels and take a random `size` crop."""
   image = tf.image.resize_with_crop_or_pad(_decode(encoded, channels), size, size)
   image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-  return tf.cast(tf.image.stateless_random_crop(image, [size, size, channels], seed), tf.float32)
+  return tf.image.stateless_random_crop(image, [size, size, channels], seed)
 
 
 def preprocess_train(
   config: ml_collections.ConfigDict, encoded: tf.Tensor, channels: int, seed: tf.Tensor
 ) -> tf.Tensor:
-  """Decodes and augments one training image (`config.train_augment`), then normalizes it."""
+  """Decodes and augments one training image (`config.train_augment`): uint8 (size, size, channels)."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   if config.train_augment == 'inception_crop':
     image = _inception_crop(encoded, config.image_size, channels, crop_seed)
@@ -80,19 +141,21 @@ def preprocess_train(
   if config.randaugment:
     layers, magnitude = config.randaugment
     # A seed of its own, folded from the example's: the crop and flip stay as without RandAugment.
-    image = randaugment(image, layers, magnitude, tf.random.experimental.stateless_fold_in(seed, 2))
-  return _normalize(config, image)
+    image = randaugment(
+      tf.cast(image, tf.float32), layers, magnitude, tf.random.experimental.stateless_fold_in(seed, 2)
+    )
+  return to_uint8(image)
 
 
 def preprocess_eval(config: ml_collections.ConfigDict, encoded: tf.Tensor, channels: int) -> tf.Tensor:
-  """Decodes one eval image (`config.eval_preprocess`) and normalizes it."""
+  """Decodes one eval image (`config.eval_preprocess`): uint8 (size, size, channels)."""
   if config.eval_preprocess == 'center_crop':
-    image = _center_crop(encoded, config.image_size, channels, config.eval_crop_fraction)
+    image = center_crop(encoded, config.image_size, channels, config.eval_crop_fraction)
   elif config.eval_preprocess == 'resize':
     image = _resize(encoded, config.image_size, channels)
   else:  # 'none'
     image = _resize_exact(encoded, config.image_size, channels)
-  return _normalize(config, image)
+  return to_uint8(image)
 
 
 def _resize(encoded: tf.Tensor, size: int, channels: int) -> tf.Tensor:
@@ -102,10 +165,11 @@ def _resize(encoded: tf.Tensor, size: int, channels: int) -> tf.Tensor:
 
 def _resize_exact(encoded: tf.Tensor, size: int, channels: int) -> tf.Tensor:
   image = _decode(encoded, channels)
-  image = tf.image.resize_with_crop_or_pad(image, size, size)
-  return tf.cast(image, tf.float32)
+  return tf.image.resize_with_crop_or_pad(image, size, size)
 
 
-def _normalize(config: ml_collections.ConfigDict, image: tf.Tensor) -> tf.Tensor:
-  image = tf.cast(image, tf.float32)
-  return (image - tf.constant(config.mean, tf.float32)) / tf.constant(config.std, tf.float32)
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Pixels rounded to the nearest integer (halves up) and clipped to 0-255, as PIL stores a resized image."""
+  if image.dtype == tf.uint8:
+    return image
+  return tf.dtypes.saturate_cast(image + 0.5, tf.uint8)

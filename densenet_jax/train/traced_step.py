@@ -14,7 +14,7 @@ from absl import logging
 from jax import export
 from jax.sharding import NamedSharding
 
-from densenet_jax.train.steps import TrainState, train_step
+from densenet_jax.train.steps import TrainState, eval_step, train_step
 
 
 def jit_train_step(
@@ -41,11 +41,21 @@ def jit_train_step(
     grad_accum_steps=config.grad_accum_steps,
     mixup_alpha=config.mixup_alpha,
     cutmix_alpha=config.cutmix_alpha,
+    pixel_mean=tuple(config.mean),
+    pixel_std=tuple(config.std),
   )
   if not (config.keep_traced_step and config.compilation_cache_dir) or jax.process_count() > 1:
     return jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=replicated, donate_argnums=0)
   directory = pathlib.Path(os.path.expanduser(config.compilation_cache_dir)) / 'traced_steps'
   return TracedStep(step, replicated, data_sharding, directory, (config.to_json_best_effort(), *key_parts))
+
+
+def jit_eval_step(
+  config: ml_collections.ConfigDict, replicated: NamedSharding, data_sharding: NamedSharding
+) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]:
+  """`eval_step` jitted over the mesh for the input pipeline's batches (uint8, normalised in the step)."""
+  step = partial(eval_step, pixel_mean=tuple(config.mean), pixel_std=tuple(config.std))
+  return jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=replicated)
 
 
 class TracedStep:
