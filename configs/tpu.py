@@ -11,7 +11,8 @@ The hosts find each other (jax.distributed, detected). The global batch is 128 p
 a v4-16 or v5e-8), the learning rate 0.1 x batch/256 after 5 warmup epochs, then cosine: the
 large-batch form of the paper's recipe, as Flax's examples/imagenet runs it on TPU. Batches leave
 the host as uint8 pixels (normalised on the chips) and are copied to the chips two steps ahead.
-Check that the per-chip batch fills the chip with `python benchmarks/accelerator.py` (memory with and without memory_efficient).
+Check that the per-chip batch fills the chip with `python benchmarks/accelerator.py` (memory
+with and without memory_efficient).
 
 Expected: about 74-75% top-1 after 90 epochs (torchvision's recipe reaches 74.4% in float32;
 not measured here: these machines have neither a TPU nor ImageNet).
