@@ -59,7 +59,12 @@ def resized_crop(encoded: tf.Tensor, window: tf.Tensor, size: int, channels: int
   end = tf.minimum(tf.stack([top + height, left + width]) + 1, shape[:2])
   image = _decode_window(encoded, first, end, channels)
   image = tf.slice(image, [top - first[0], left - first[1], 0], [height, width, -1])
-  return tf.image.resize(image, [size, size], method='bilinear', antialias=True)
+  # Enlarging, antialiasing changes nothing (the filter keeps its width): the plain, faster resize.
+  return tf.cond(
+    (height <= size) & (width <= size),
+    lambda: tf.image.resize(image, [size, size], method='bilinear'),
+    lambda: tf.image.resize(image, [size, size], method='bilinear', antialias=True),
+  )
 
 
 def _decode_window(encoded: tf.Tensor, first: tf.Tensor, end: tf.Tensor, channels: int) -> tf.Tensor:
@@ -77,43 +82,28 @@ def center_crop(encoded: tf.Tensor, size: int, channels: int, crop_fraction: flo
 
   Computed in one antialiased resampling of only the rows and columns the crop samples (with the
   filter's reach around them), so the JPEG is decoded only there: the same pixels as resizing the
-  whole image and cropping, for about half the decoding and resizing.
+  whole image and cropping, for less decoding and resizing. Float32 out.
   """
-  shape = _image_shape(encoded, channels)
-  height, width = shape[0], shape[1]
-  # torchvision's sizes: the short side to `resize`, the long one truncated; the crop's offset rounded.
+  # Each quantity is a (rows, columns) pair: one set of operations for both axes.
+  shape = tf.cast(_image_shape(encoded, channels)[:2], tf.float64)
+  # torchvision's sizes: the short side to `resize`, the long one truncated; the crop's offset rounded
+  # (half to even, as Python's round).
   resize = int(size / crop_fraction)
-  short, long = tf.minimum(height, width), tf.maximum(height, width)
-  new_long = tf.cast(resize * tf.cast(long, tf.float64) / tf.cast(short, tf.float64), tf.int32)
-  new_height = tf.where(height <= width, resize, new_long)
-  new_width = tf.where(height <= width, new_long, resize)
-  top = tf.cast(tf.round(tf.cast(new_height - size, tf.float64) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_width - size, tf.float64) / 2), tf.int32)
-  rows = _source_span(top, size, height, new_height)
-  columns = _source_span(left, size, width, new_width)
-  image = _decode_window(encoded, tf.stack([rows[0], columns[0]]), tf.stack([rows[1], columns[1]]), channels)
-  scale = tf.cast(tf.stack([new_height / height, new_width / width]), tf.float32)
-  # Output pixel (i, j) is pixel (top + i, left + j) of the whole resized image, in window coordinates.
-  first = tf.cast(tf.stack([rows[0], columns[0]]), tf.float32)
-  translation = first * scale - tf.cast(tf.stack([top, left]), tf.float32)
-  resized = tf.raw_ops.ScaleAndTranslate(
+  resized = tf.floor(resize * shape / tf.reduce_min(shape))
+  offset = tf.round((resized - size) / 2)
+  # The source pixels the crop reads: within max(ratio, 1) of each sample, one more for rounding.
+  ratio = shape / resized
+  reach = tf.maximum(ratio, 1.0) + 1.0
+  first = tf.maximum(tf.floor((offset + 0.5) * ratio - reach), 0.0)
+  end = tf.minimum(tf.math.ceil((offset + size - 0.5) * ratio + reach), shape)
+  image = _decode_window(encoded, tf.cast(first, tf.int32), tf.cast(end, tf.int32), channels)
+  # Output pixel (i, j) is pixel (offset + (i, j)) of the whole resized image, in window coordinates.
+  scale = tf.cast(resized / shape, tf.float32)
+  translation = tf.cast(first, tf.float32) * scale - tf.cast(offset, tf.float32)
+  resized_crop = tf.raw_ops.ScaleAndTranslate(
     images=image[None], size=[size, size], scale=scale, translation=translation, kernel_type='triangle'
   )[0]
-  return tf.ensure_shape(resized, [size, size, channels])
-
-
-def _source_span(start: tf.Tensor, count: int, length: tf.Tensor, resized_length: tf.Tensor) -> tuple:
-  """[first, end) of the source pixels that output pixels [start, start + count) of a resize read.
-
-  An antialiased bilinear resize from `length` to `resized_length` reads, for output pixel x, the
-  source pixels within max(length / resized_length, 1) of (x + 0.5) * length / resized_length;
-  one more pixel on each side keeps float rounding out of the edge.
-  """
-  ratio = tf.cast(length, tf.float64) / tf.cast(resized_length, tf.float64)
-  reach = tf.maximum(ratio, 1.0) + 1.0
-  first = tf.cast(tf.floor((tf.cast(start, tf.float64) + 0.5) * ratio - reach), tf.int32)
-  end = tf.cast(tf.math.ceil((tf.cast(start + count, tf.float64) - 0.5) * ratio + reach), tf.int32)
-  return tf.maximum(first, 0), tf.minimum(end, length)
+  return tf.ensure_shape(resized_crop, [size, size, channels])
 
 
 def _pad_crop(encoded: tf.Tensor, size: int, channels: int, padding: int, seed: tf.Tensor) -> tf.Tensor:
