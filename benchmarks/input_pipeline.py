@@ -23,11 +23,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax_imagenet_input  # noqa: E402  (sibling scripts, not a package)
-import synthetic_imagenet  # noqa: E402
+from densenet_jax.train.reporting import quiet_native_startup  # noqa: E402
 
-from configs import densenet121  # noqa: E402
-from densenet_jax.train import input_pipeline  # noqa: E402
+with quiet_native_startup():  # TensorFlow's start-up lines
+  import flax_imagenet_input  # noqa: E402  (sibling scripts, not a package)
+  import synthetic_imagenet  # noqa: E402
+
+  from configs import densenet121  # noqa: E402
+  from densenet_jax.train import input_pipeline  # noqa: E402
 
 
 def host_cores() -> int:
