@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.random_flip = True
   config.eval_preprocess = 'center_crop'  # 'center_crop' (resize, then crop), 'resize' or 'none'.
   config.eval_crop_fraction = 0.875  # center_crop: 224 of 256, torchvision's.
+  config.eval_interpolation = 'bilinear'  # of the antialiased eval resize: 'bilinear' or 'bicubic'.
+  # mode=eval with init_from a pretrained name: image_size, eval_crop_fraction, eval_interpolation,
+  # mean and std as its publisher evaluated it (densenet_jax.PRETRAINED), not as set here.
+  config.eval_as_published = True
   # (layers, magnitude): RandAugment after crop and flip, timm's rand-mM-nN ops (e.g. (2, 9)); () none.
   config.randaugment = ()
   config.mean = IMAGENET_MEAN  # one value per image channel

@@ -1,7 +1,10 @@
 """Pretrained ImageNet weights in one call, without torch: `densenet_jax.pretrained('densenet121')`.
 
 torchvision's published DenseNet weights are on the Hugging Face Hub as safetensors files in
-timm's repositories (`timm/densenet121.tv_in1k`, torchvision's keys). They are fetched with
+timm's repositories (`timm/densenet121.tv_in1k`, torchvision's keys), and so are timm's own,
+better-trained ones (`densenet121.ra_in1k`, `densenetblur121d.ra_in1k`, named as timm names them).
+Each entry says how its publisher evaluated it (input size, crop fraction, interpolation,
+mean/std), which `train.py --config.mode=eval --config.init_from=NAME` uses. They are fetched with
 `huggingface_hub` (its cache, `revision` and offline mode: `HF_HUB_OFFLINE=1`, `HF_HOME`,
 `HF_ENDPOINT` work as for any Hub download), read with `safetensors` as numpy arrays (no torch,
 no pickle) and converted with `from_torchvision`, which checks every key and shape against the
@@ -26,6 +29,7 @@ from densenet_jax.models import (
   DenseNet161,
   DenseNet169,
   DenseNet201,
+  DenseNetBlur121d,
   dense_kernel_init,
 )
 from densenet_jax.torchvision_port import (
@@ -38,22 +42,50 @@ FILENAME = 'model.safetensors'
 HUB_PREFIX = 'hf-hub:'
 
 
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
 @dataclasses.dataclass(frozen=True)
 class Weights:
-  """Where a set of pretrained weights lives and what its publisher measured."""
+  """Where a set of pretrained weights lives, how its publisher evaluated it, and what it measured.
+
+  Attributes:
+    repo_id: the Hugging Face Hub repository.
+    model: the architecture.
+    top1, top5: ImageNet validation accuracy (%), as published by `source`, evaluated as below.
+    source: who published the figures (torchvision's docs; timm's results-imagenet.csv).
+    input_size: the evaluation's square input.
+    crop_fraction: the center crop's share of the resized short side (input_size / resize).
+    interpolation: of the (antialiased) resize: 'bilinear' or 'bicubic'.
+    mean, std: per RGB channel, 0-255 units.
+  """
 
   repo_id: str
   model: Callable[..., DenseNet]
-  top1: float  # ImageNet validation, 224x224 center crop of 256, as published by `source`
+  top1: float
   top5: float
   source: str
+  input_size: int = 224
+  crop_fraction: float = 0.875
+  interpolation: str = 'bilinear'
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
 
 
 PRETRAINED: dict[str, Weights] = {
+  # torchvision's: evaluated with Resize(256) + CenterCrop(224), bilinear.
   'densenet121': Weights('timm/densenet121.tv_in1k', DenseNet121, 74.434, 91.972, 'torchvision'),
   'densenet161': Weights('timm/densenet161.tv_in1k', DenseNet161, 77.138, 93.560, 'torchvision'),
   'densenet169': Weights('timm/densenet169.tv_in1k', DenseNet169, 75.600, 92.806, 'torchvision'),
   'densenet201': Weights('timm/densenet201.tv_in1k', DenseNet201, 76.896, 93.370, 'torchvision'),
+  # timm's (RandAugment recipe): evaluated at 288, crop 0.95, bicubic (timm's pretrained_cfg).
+  'densenet121.ra_in1k': Weights(
+    'timm/densenet121.ra_in1k', DenseNet121, 76.500, 93.368, 'timm', 288, 0.95, 'bicubic'
+  ),
+  'densenetblur121d.ra_in1k': Weights(
+    'timm/densenetblur121d.ra_in1k', DenseNetBlur121d, 77.320, 93.790, 'timm', 288, 0.95, 'bicubic'
+  ),
 }
 
 
@@ -117,7 +149,8 @@ def pretrained(
   """`(model, variables)` with pretrained weights, as `DenseNet121(weights='imagenet')` in Keras.
 
   Args:
-    name: a key of `PRETRAINED` ('densenet121', 'densenet161', 'densenet169', 'densenet201'), or
+    name: a key of `PRETRAINED` (torchvision's 'densenet121', 'densenet161', 'densenet169',
+      'densenet201'; timm's 'densenet121.ra_in1k', 'densenetblur121d.ra_in1k'), or
       'hf-hub:OWNER/REPO' (its architecture is read off the weights).
     num_classes: None keeps the weights' classifier (1,000 ImageNet classes); another count
       replaces it by a new one

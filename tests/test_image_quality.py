@@ -45,10 +45,11 @@ def decoded(encoded: bytes):
   return torch.from_numpy(tf.io.decode_jpeg(encoded, channels=3).numpy()).permute(2, 0, 1)
 
 
-def torchvision_eval(pixels):
+def torchvision_eval(pixels, resize: int = 256, crop: int = 224, interpolation: str = 'bilinear'):
   functional = import_over_cpu_torch('torchvision.transforms.v2.functional')
-  image = functional.resize(pixels, 256, antialias=True)  # bilinear, the default
-  return functional.center_crop(image, 224).permute(1, 2, 0).numpy()
+  mode = import_over_cpu_torch('torchvision.transforms').InterpolationMode(interpolation)
+  image = functional.resize(pixels, resize, interpolation=mode, antialias=True)
+  return functional.center_crop(image, crop).permute(1, 2, 0).numpy()
 
 
 def torchvision_crop(pixels, window: tuple[int, int, int, int]) -> np.ndarray:
@@ -56,8 +57,8 @@ def torchvision_crop(pixels, window: tuple[int, int, int, int]) -> np.ndarray:
   return functional.resized_crop(pixels, *window, [224, 224], antialias=True).permute(1, 2, 0).numpy()
 
 
-def differences(ours: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
-  assert ours.shape == reference.shape == (224, 224, 3)
+def differences(ours: np.ndarray, reference: np.ndarray, size: int = 224) -> tuple[int, float]:
+  assert ours.shape == reference.shape == (size, size, 3)
   difference = np.abs(ours.astype(np.int32) - reference.astype(np.int32))
   return int(difference.max()), float(difference.mean())
 
@@ -72,6 +73,24 @@ def test_eval_transform_gives_torchvisions_resize_and_center_crop(shape):
   assert ours.dtype == np.uint8
   largest, mean = differences(ours, torchvision_eval(pixels))
   assert largest <= MAX_DIFFERENCE and mean < MEAN_DIFFERENCE, (largest, mean)
+
+
+@pytest.mark.parametrize('shape', SHAPES[:3], ids=[f'{h}x{w}' for h, w in SHAPES[:3]])
+def test_bicubic_eval_as_timm_evaluates_its_weights_gives_torchvisions_pixels(shape):
+  """timm's ra_in1k weights are evaluated at 288, crop 0.95 (resize 303), bicubic, antialiased."""
+  encoded = jpeg(*shape, seed=shape[0])
+  pixels = decoded(encoded)
+  resampled = preprocess.center_crop(tf.constant(encoded), 288, 3, 0.95, 'bicubic').numpy()
+  # Float32 against float64 sample positions, as above, under the cubic kernel's steeper slope.
+  exact = torchvision_eval(pixels.float(), 303, 288, 'bicubic')
+  assert np.abs(resampled - exact).max() < 2 * FLOAT_DIFFERENCE
+  # torchvision's uint8 path clips to 0-255 between its passes, which bicubic overshoots at edges:
+  # ours is no further from it than torchvision's own float path.
+  reference = torchvision_eval(pixels, 303, 288, 'bicubic')
+  own = differences(np.clip(np.floor(exact + 0.5), 0, 255), reference, 288)
+  ours = preprocess.to_uint8(tf.constant(resampled)).numpy()
+  largest, mean = differences(ours, reference, 288)
+  assert largest <= own[0] and mean <= own[1] + 0.01 and mean < MEAN_DIFFERENCE, (largest, mean, own)
 
 
 WINDOWS = {

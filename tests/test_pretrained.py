@@ -17,7 +17,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from conftest import DATA, REPO, max_relative_error, optional_module, section
+from conftest import DATA, REPO, import_over_cpu_torch, max_relative_error, optional_module, section
 
 from densenet_jax import PRETRAINED, StateDictError, weights
 
@@ -158,8 +158,76 @@ def test_an_unknown_name_lists_the_known_ones():
     ValueError, match=r"no pretrained weights named 'densenet_121'.*densenet121, densenet161"
   ):
     weights.repo_of('densenet_121')
-  assert list(PRETRAINED) == ['densenet121', 'densenet161', 'densenet169', 'densenet201']
+  assert list(PRETRAINED) == [
+    'densenet121',
+    'densenet161',
+    'densenet169',
+    'densenet201',
+    'densenet121.ra_in1k',
+    'densenetblur121d.ra_in1k',
+  ]
   assert PRETRAINED['densenet121'].top1 == 74.434  # torchvision's published figure
+
+
+def test_timms_own_weights_by_timms_names_with_the_preprocessing_they_were_evaluated_with():
+  import densenet_jax
+
+  # timm's results-imagenet.csv: top-1, top-5 at 288 px, crop 0.95, bicubic (its pretrained_cfg).
+  for name, model, top1, top5 in (
+    ('densenet121.ra_in1k', densenet_jax.DenseNet121, 76.500, 93.368),
+    ('densenetblur121d.ra_in1k', densenet_jax.DenseNetBlur121d, 77.320, 93.790),
+  ):
+    entry = PRETRAINED[name]
+    assert weights.repo_of(name) == f'timm/{name}' and entry.model is model and entry.source == 'timm'
+    assert (entry.top1, entry.top5) == (top1, top5)
+    assert (entry.input_size, entry.crop_fraction, entry.interpolation) == (288, 0.95, 'bicubic')
+  # torchvision's were evaluated with Resize(256) + CenterCrop(224), bilinear.
+  tv = PRETRAINED['densenet121']
+  assert (tv.input_size, tv.crop_fraction, tv.interpolation) == (224, 0.875, 'bilinear')
+  assert tv.mean == PRETRAINED['densenet121.ra_in1k'].mean == tuple(255 * m for m in (0.485, 0.456, 0.406))
+
+
+def test_a_timm_name_offline_and_not_cached_names_its_repository(tmp_path):
+  result = call(
+    "densenet_jax.pretrained('densenetblur121d.ra_in1k')", {'HF_HOME': str(tmp_path), 'HF_HUB_OFFLINE': '1'}
+  )
+  assert 'hf download timm/densenetblur121d.ra_in1k model.safetensors' in result['error']
+
+
+@pytest.mark.slow  # a full-size timm DenseNet, saved and served
+def test_a_timm_name_loads_timms_weights_and_gives_timms_logits(tmp_path):
+  """timm's densenetblur121d (random weights, timm's own state dict) served as the named repository."""
+  from safetensors.numpy import save
+
+  timm = import_over_cpu_torch('timm')
+  import torch
+
+  torch.manual_seed(0)
+  model = timm.create_model('densenetblur121d', pretrained=False).eval()
+  with torch.no_grad():  # Running averages other than 0 and 1, so that eval mode tests them.
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 1.5)
+  images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    expected = model(images).numpy()
+  state_dict = {k: np.ascontiguousarray(v.numpy()) for k, v in model.state_dict().items()}
+  server = Hub({'timm/densenetblur121d.ra_in1k/model.safetensors': save(state_dict)})
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  np.save(tmp_path / 'images.npy', images.numpy().transpose(0, 2, 3, 1))
+  code = f"""
+model, variables = densenet_jax.pretrained('densenetblur121d.ra_in1k')
+logits = model.apply(variables, np.load('{tmp_path}/images.npy'), train=False)
+print(json.dumps({{'logits': np.asarray(logits).tolist(), 'stem': model.stem, 'blur': model.blur_pool}}))
+"""
+  try:
+    result = call(code, {'HF_ENDPOINT': server.url, 'HF_HOME': str(tmp_path / 'hf')})
+  finally:
+    server.shutdown()
+  assert 'error' not in result, result.get('stderr', '')[-3000:]
+  assert (result['stem'], result['blur']) == ('deep', True)
+  assert max_relative_error(result['logits'], expected) < 1e-5
 
 
 def test_from_torchvision_reads_a_safetensors_file_without_torch(tmp_path, tiny_reference):
@@ -255,3 +323,71 @@ def test_init_from_takes_a_safetensors_or_pth_file_with_the_same_result(tmp_path
     registry.ConfigError, match=r"neither a pretrained name \(densenet121, .*'hf-hub:OWNER/REPO'\)"
   ):
     setup.init_from_variables(str(tmp_path / 'missing.safetensors'))
+
+
+@pytest.mark.parametrize('as_published', [True, False])
+def test_eval_mode_of_a_pretrained_name_preprocesses_as_its_publisher_did(
+  tmp_path, hub, monkeypatch, capsys, as_published
+):
+  """mode=eval with init_from a name: its entry's size, crop and interpolation, unless turned off."""
+  import dataclasses
+  import functools
+  import importlib
+
+  import ml_collections
+  import tensorflow_datasets as tfds
+  from huggingface_hub import constants
+
+  from configs import finetune
+  from densenet_jax.models import DenseNet
+  from densenet_jax.train import loop, preprocess
+
+  kwargs = json.loads((DATA / 'tiny_densenet_torchvision.json').read_text())[
+    'torchvision.models.DenseNet kwargs'
+  ]
+  kwargs['block_config'] = tuple(kwargs['block_config'])
+  entry = dataclasses.replace(
+    PRETRAINED['densenet121.ra_in1k'],
+    repo_id=REPO_ID,
+    model=functools.partial(DenseNet, **kwargs),
+    input_size=48,
+  )
+  monkeypatch.setitem(PRETRAINED, 'tiny.ra_in1k', entry)
+  crops = []
+  center_crop = preprocess.center_crop
+  monkeypatch.setattr(
+    preprocess,
+    'center_crop',
+    lambda encoded, *args: crops.append(args[0:1] + args[2:]) or center_crop(encoded, *args),
+  )
+  monkeypatch.setenv('HF_ENDPOINT', hub.url)
+  monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+  importlib.reload(constants)  # huggingface_hub reads its settings at import
+  try:
+    config = finetune.get_config()
+    config.update(
+      mode='eval',
+      init_from='tiny.ra_in1k',
+      eval_as_published=as_published,
+      model='densenet',
+      model_kwargs=ml_collections.ConfigDict({k: v for k, v in kwargs.items() if k != 'num_classes'}),
+      data_dir=str(tmp_path / 'data'),
+      image_size=40,
+      batch_size=8,
+      eval_batch_size=8,
+      progress_bar=False,
+      compilation_cache_dir='',
+    )
+    with tfds.testing.mock_data(num_examples=8):
+      evaluated = loop.evaluate(config, tmp_path / 'eval')
+  finally:
+    monkeypatch.undo()
+    importlib.reload(constants)
+  assert evaluated['step'] == 0 and evaluated['test_examples'] == 8
+  out = capsys.readouterr().out
+  if as_published:
+    assert crops and set(crops) == {(48, 0.95, 'bicubic')}
+    assert 'Evaluating tiny.ra_in1k as timm did: 48x48, a center crop of 0.95' in out
+  else:
+    assert crops and set(crops) == {(40, config.eval_crop_fraction, 'bilinear')}
+    assert 'as timm did' not in out

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from densenet_jax import convert
+from densenet_jax import convert, weights
 from densenet_jax.train import input_pipeline, plateau
 from densenet_jax.train.checkpoints import Checkpoints, PreemptionWatcher
 from densenet_jax.train.registry import ConfigError, learning_rate_scale, plateau_scheduler
 from densenet_jax.train.reporting import Reporter, log, print_summary
-from densenet_jax.train.setup import Setup, load_init_from, setup
+from densenet_jax.train.setup import Setup, as_published, load_init_from, setup
 from densenet_jax.train.sharding import StepPacer, param_checksum, prefetch_to_device, replicate, to_host
 from densenet_jax.train.steps import TrainState, zero_train_metrics
 from densenet_jax.train.traced_step import jit_eval_step, jit_train_step
@@ -274,6 +274,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         f'nothing to evaluate: {s.workdir / "checkpoints"} has no checkpoint; train first or set '
         'config.init_from.'
       )
+    if config.eval_as_published and config.init_from in weights.PRETRAINED:
+      s = setup(as_published(config), workdir)
+      config = s.config
     state = load_init_from(s, s.create_state())
   eval_fn = jit_eval_step(config, s.replicated, s.data_sharding)
   metrics = {'step': int(to_host(state.step)), **evaluate_state(s, eval_fn, state)}

@@ -77,7 +77,14 @@ def _decode_window(encoded: tf.Tensor, first: tf.Tensor, end: tf.Tensor, channel
   )
 
 
-def center_crop(encoded: tf.Tensor, size: int, channels: int, crop_fraction: float) -> tf.Tensor:
+# The antialiased resize's kernel per interpolation: PIL's (and torchvision's) bilinear and bicubic
+# (Keys, a = -0.5), widened by the downscale factor.
+KERNELS = {'bilinear': 'triangle', 'bicubic': 'keyscubic'}
+
+
+def center_crop(
+  encoded: tf.Tensor, size: int, channels: int, crop_fraction: float, interpolation: str = 'bilinear'
+) -> tf.Tensor:
   """torchvision's eval transform: Resize(int(size / crop_fraction)) (the short side), CenterCrop(size).
 
   Computed in one antialiased resampling of only the rows and columns the crop samples (with the
@@ -91,9 +98,10 @@ def center_crop(encoded: tf.Tensor, size: int, channels: int, crop_fraction: flo
   resize = int(size / crop_fraction)
   resized = tf.floor(resize * shape / tf.reduce_min(shape))
   offset = tf.round((resized - size) / 2)
-  # The source pixels the crop reads: within max(ratio, 1) of each sample, one more for rounding.
+  # The source pixels the crop reads: within the kernel's radius (1 bilinear, 2 bicubic) times
+  # max(ratio, 1) of each sample, one more for rounding.
   ratio = shape / resized
-  reach = tf.maximum(ratio, 1.0) + 1.0
+  reach = (1.0 if interpolation == 'bilinear' else 2.0) * tf.maximum(ratio, 1.0) + 1.0
   first = tf.maximum(tf.floor((offset + 0.5) * ratio - reach), 0.0)
   end = tf.minimum(tf.math.ceil((offset + size - 0.5) * ratio + reach), shape)
   image = _decode_window(encoded, tf.cast(first, tf.int32), tf.cast(end, tf.int32), channels)
@@ -101,7 +109,11 @@ def center_crop(encoded: tf.Tensor, size: int, channels: int, crop_fraction: flo
   scale = tf.cast(resized / shape, tf.float32)
   translation = tf.cast(first, tf.float32) * scale - tf.cast(offset, tf.float32)
   resized_crop = tf.raw_ops.ScaleAndTranslate(
-    images=image[None], size=[size, size], scale=scale, translation=translation, kernel_type='triangle'
+    images=image[None],
+    size=[size, size],
+    scale=scale,
+    translation=translation,
+    kernel_type=KERNELS[interpolation],
   )[0]
   return tf.ensure_shape(resized_crop, [size, size, channels])
 
@@ -140,17 +152,19 @@ def preprocess_train(
 def preprocess_eval(config: ml_collections.ConfigDict, encoded: tf.Tensor, channels: int) -> tf.Tensor:
   """Decodes one eval image (`config.eval_preprocess`): uint8 (size, size, channels)."""
   if config.eval_preprocess == 'center_crop':
-    image = center_crop(encoded, config.image_size, channels, config.eval_crop_fraction)
+    image = center_crop(
+      encoded, config.image_size, channels, config.eval_crop_fraction, config.eval_interpolation
+    )
   elif config.eval_preprocess == 'resize':
-    image = _resize(encoded, config.image_size, channels)
+    image = _resize(encoded, config.image_size, channels, config.eval_interpolation)
   else:  # 'none'
     image = _resize_exact(encoded, config.image_size, channels)
   return to_uint8(image)
 
 
-def _resize(encoded: tf.Tensor, size: int, channels: int) -> tf.Tensor:
-  """The whole image resized (bilinear) to size x size, as torchvision's Resize((size, size))."""
-  return tf.image.resize(_decode(encoded, channels), [size, size], method='bilinear', antialias=True)
+def _resize(encoded: tf.Tensor, size: int, channels: int, interpolation: str = 'bilinear') -> tf.Tensor:
+  """The whole image resized (antialiased) to size x size, as torchvision's Resize((size, size))."""
+  return tf.image.resize(_decode(encoded, channels), [size, size], method=interpolation, antialias=True)
 
 
 def _resize_exact(encoded: tf.Tensor, size: int, channels: int) -> tf.Tensor:

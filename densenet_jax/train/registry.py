@@ -30,6 +30,7 @@ CHOICES = {
   'mode': ('train', 'eval'),
   'train_augment': ('inception_crop', 'pad_crop', 'resize', 'none'),
   'eval_preprocess': ('center_crop', 'resize', 'none'),
+  'eval_interpolation': ('bilinear', 'bicubic'),
   'schedule': ('step', 'cosine', 'plateau'),
   'optimizer': ('sgd', 'adamw', 'adam'),
   'plateau_mode': ('min', 'max'),

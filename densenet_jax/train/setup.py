@@ -176,6 +176,30 @@ def init_from_variables(init_from: str) -> tuple[str, dict]:
   return str(path), convert.load_checkpoint(path)[1]
 
 
+def as_published(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the eval preprocessing `config.init_from`'s publisher measured its weights with.
+
+  For mode=eval of a pretrained name (`densenet_jax.PRETRAINED`), with `config.eval_as_published`.
+  """
+  published = weights.PRETRAINED[config.init_from]
+  config = config.copy_and_resolve_references()
+  config.update(
+    image_size=published.input_size,
+    eval_preprocess='center_crop',
+    eval_crop_fraction=published.crop_fraction,
+    eval_interpolation=published.interpolation,
+    mean=published.mean,
+    std=published.std,
+  )
+  size = published.input_size
+  log(
+    f'Evaluating {config.init_from} as {published.source} did: {size}x{size}, a center crop of '
+    f'{published.crop_fraction:g} of the resized short side, {published.interpolation} '
+    f'(published: {published.top1:.3f}% top-1; config.eval_as_published=False evaluates as configured).'
+  )
+  return config
+
+
 def load_init_from(s: Setup, state: TrainState) -> TrainState:
   """`state` with the params and batch_stats of `config.init_from` (see `init_from_variables`)."""
   path, variables = init_from_variables(s.config.init_from)
