@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import PYTHON_WITH_SIGINT, REPO, free_port, run_train, train_env
 
@@ -214,6 +215,46 @@ def test_a_workdir_that_is_or_is_inside_a_file_is_one_line_and_the_file_is_untou
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith(f'error: --workdir={workdir} ') and 'give a folder' in last_line, last_line
   assert existing.read_text() == 'a user file\n' and sorted(os.listdir(tmp_path)) == ['notes.txt']
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs /proc, where not even root makes folders')
+def test_a_workdir_that_cannot_be_written_is_one_line_before_any_data_work(tmp_path):
+  result = run_train(
+    '--config=configs/digits.py', '--workdir=/proc/densenet_run', f'--config.data_dir={tmp_path}'
+  )
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: --workdir=/proc/densenet_run cannot be written: /proc refuses'), (
+    last_line
+  )
+  assert 'give a folder this user can write' in last_line and os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow  # a train.py process each
+@pytest.mark.parametrize('weights', ['foreign', 'another depth'])
+def test_init_from_weights_that_do_not_fit_is_one_line(tmp_path, digits_data_dir, tiny_reference, weights):
+  from conftest import section
+  from safetensors.numpy import save_file
+
+  state_dict = {k: np.ascontiguousarray(v) for k, v in section(tiny_reference, 'state_dict').items()}
+  if weights == 'foreign':  # A ResNet's keys, say: nothing of a DenseNet.
+    state_dict = {
+      'conv1.weight': np.zeros((64, 3, 7, 7), np.float32),
+      'fc.weight': np.zeros((10, 512), np.float32),
+    }
+  path = tmp_path / f'{weights.replace(" ", "_")}.safetensors'
+  save_file(state_dict, path)
+  workdir = tmp_path / 'run'
+  result = run_train(
+    '--config=configs/digits.py',
+    f'--workdir={workdir}',
+    f'--config.data_dir={digits_data_dir}',
+    f'--config.init_from={path}',
+  )
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: ') and str(path) in last_line, last_line
+  assert not workdir.exists()
 
 
 @pytest.mark.slow  # gcsfs retries a refused connection for about a minute before it gives up

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import tempfile
 import urllib.parse
 from collections.abc import Callable
 from functools import partial
@@ -24,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from densenet_jax import convert, models, weights
 from densenet_jax.paths import as_path, is_local
-from densenet_jax.torchvision_port import from_torchvision
+from densenet_jax.torchvision_port import StateDictError, from_torchvision
 from densenet_jax.train import input_pipeline
 from densenet_jax.train.registry import (
   ConfigError,
@@ -126,8 +127,13 @@ def check_workdir(workdir: epath.Path) -> None:
       raise ConfigError(
         f'--workdir={workdir} {where}: give a folder (a new one, or the workdir of a run to resume).'
       )
-    if not os.access(existing, os.W_OK | os.X_OK):
-      raise ConfigError(f'--workdir={workdir} cannot be written: this user may not write in {existing}.')
+    try:  # Permission bits do not tell (root, read-only mounts, /proc): make a folder, remove it.
+      os.rmdir(tempfile.mkdtemp(prefix='.densenet_jax_write_check_', dir=existing))
+    except OSError as error:
+      raise ConfigError(
+        f'--workdir={workdir} cannot be written: {existing} refuses a new folder ({error.strerror}); give '
+        'a folder this user can write.'
+      ) from error
     return
   url = urllib.parse.urlsplit(os.fspath(workdir))
   logging.disable(logging.ERROR)  # A backend's own retry log (with tracebacks): the line below says it.
@@ -172,7 +178,10 @@ def init_from_variables(init_from: str) -> tuple[str, dict]:
       "'hf-hub:OWNER/REPO') nor an existing state dict file or checkpoint directory."
     )
   if path.suffix in ('.safetensors', '.pth', '.pt', '.bin'):
-    return str(path), from_torchvision(path)
+    try:
+      return str(path), from_torchvision(path)
+    except StateDictError as error:  # Not a DenseNet's: say which setting named it.
+      raise ConfigError(f'config.init_from={init_from!r}: {error}') from error
   return str(path), convert.load_checkpoint(path)[1]
 
 
