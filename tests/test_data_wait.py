@@ -28,22 +28,23 @@ def _sleep_then(seconds: float):
   return run
 
 
-def test_the_pacer_keeps_the_host_at_most_its_depth_steps_ahead_of_the_device():
+@pytest.mark.parametrize(('depth', 'every'), [(2, 1), (4, 2)])
+def test_the_pacer_keeps_the_host_at_most_its_depth_steps_ahead_of_the_device(depth, every):
   @jax.jit
   def slow_step(step, x):  # Tens of milliseconds of device work: dispatching it takes microseconds.
     x = jax.lax.fori_loop(0, 8, lambda _, x: jnp.tanh(x @ x), x)
     return step + 1, x
 
-  pacer = StepPacer(depth=2)
+  pacer = StepPacer(depth=depth, every=every)
   step, x = jnp.zeros((), jnp.int32), jnp.full((384, 384), 1e-3)
   jax.block_until_ready(slow_step(step, x))  # Compiled.
   counters = []
-  for n in range(1, 7):
+  for n in range(1, 11):
     step, x = slow_step(step, x)
     counters.append(step)
     pacer.stepped(step)
-    # Step n was just dispatched; step n - 2 and those before it are done before the host goes on.
-    assert all(counter.is_ready() for counter in counters[: max(n - 2, 0)]), n
+    # Step n was just dispatched; those more than depth + every - 1 before it are done.
+    assert all(counter.is_ready() for counter in counters[: max(n - (depth + every - 1), 0)]), n
 
 
 def test_prefetch_to_device_adds_the_time_spent_waiting_for_each_host_batch():
