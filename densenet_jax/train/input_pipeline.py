@@ -17,9 +17,6 @@ not of how many devices or processes run it:
 
 import dataclasses
 import math
-import os
-import socket
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,13 +105,6 @@ def get_builder(config: ml_collections.ConfigDict, prepare: bool = True) -> tfds
     )
   data_dir = epath.Path(builder.data_dir_root)
   manual_dir = epath.Path(config.manual_dir or data_dir / 'downloads' / 'manual')
-  unreachable = _unresolvable_download_hosts(builder)
-  if unreachable:  # Offline: say so now, not after minutes of the downloader's retries.
-    raise DataError(
-      f'{config.dataset} is not prepared in {data_dir}, and this machine cannot reach '
-      f'{", ".join(unreachable)} to download it (offline?). On a machine with internet run `tfds build '
-      f'{config.dataset} --data_dir DIR`, copy DIR here and set config.data_dir=DIR.'
-    )
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   except Exception as error:  # noqa: BLE001  (network, manual files, disk: all end here)
@@ -136,23 +126,6 @@ def get_builder(config: ml_collections.ConfigDict, prepare: bool = True) -> tfds
       'copy DIR here and set config.data_dir=DIR.'
     ) from error
   return builder
-
-
-def _unresolvable_download_hosts(builder: tfds.core.DatasetBuilder) -> list[str]:
-  """The hosts `builder` downloads from, when none of them resolves (else, or behind a proxy: [])."""
-  if any(os.environ.get(name) for name in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy')):
-    return []  # A proxy resolves the names, not this machine.
-  try:
-    hosts = sorted({urllib.parse.urlsplit(url).hostname for url in builder.url_infos or {}} - {None})
-  except Exception:  # noqa: BLE001  (a builder without a checksums file: let TFDS try)
-    return []
-  for host in hosts:
-    try:
-      socket.getaddrinfo(host, 443)
-      return []
-    except OSError:
-      continue
-  return hosts
 
 
 def _first_line(error: Exception) -> str:
