@@ -230,6 +230,38 @@ def test_a_workdir_that_cannot_be_written_is_one_line_before_any_data_work(tmp_p
   assert 'give a folder this user can write' in last_line and os.listdir(tmp_path) == []
 
 
+# Offline, as a machine without a network is: no name resolves (but localhost, for JAX's own use).
+OFFLINE_SITECUSTOMIZE = """
+import socket
+_getaddrinfo = socket.getaddrinfo
+def getaddrinfo(host, *args, **kwargs):
+  if host not in ('localhost', '127.0.0.1', '::1', None):
+    raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known (offline, for the test)')
+  return _getaddrinfo(host, *args, **kwargs)
+socket.getaddrinfo = getaddrinfo
+"""
+
+
+@pytest.mark.slow  # TFDS's downloader retries for about 3.5 minutes before it gives up
+def test_a_dataset_to_download_while_offline_is_one_line(tmp_path):
+  (tmp_path / 'offline').mkdir()
+  (tmp_path / 'offline' / 'sitecustomize.py').write_text(OFFLINE_SITECUSTOMIZE)
+  env = {'PYTHONPATH': str(tmp_path / 'offline')}
+  env.update({name: '' for name in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy')})
+  data_dir = tmp_path / 'tensorflow_datasets'
+  data_dir.mkdir()
+  result = run_train(
+    '--config=configs/cifar10.py', f'--workdir={tmp_path / "run"}', f'--config.data_dir={data_dir}', env=env
+  )
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith(f'error: cifar10 is not prepared in {data_dir} and preparing it failed'), (
+    last_line
+  )
+  assert 'On a machine with internet run `tfds build cifar10 --data_dir DIR`' in last_line
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.slow  # a train.py process each
 @pytest.mark.parametrize('weights', ['foreign', 'another depth'])
 def test_init_from_weights_that_do_not_fit_is_one_line(tmp_path, digits_data_dir, tiny_reference, weights):
