@@ -91,6 +91,15 @@ MORE_CASES = {
 }
 
 
+def error_line(result: subprocess.CompletedProcess, returncode: int | None = 1) -> str:
+  """The last line of a refusing train.py: it exited `returncode` (None: not 0), with no traceback."""
+  assert result.returncode != 0 if returncode is None else result.returncode == returncode, result.stderr[
+    -3000:
+  ]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  return result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
   'case', [*CASES, *(pytest.param(case, marks=pytest.mark.slow) for case in MORE_CASES)]
 )
@@ -105,9 +114,7 @@ def test_bad_input_is_one_clear_line(tmp_path, digits_data_dir, case):
     *overrides,
     devices=devices,
   )
-  assert result.returncode != 0
-  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
+  last_line = error_line(result, returncode=None)
   assert last_line.startswith('error: ') and expected in last_line, last_line
   assert not workdir.exists()  # Nothing was started, so nothing was written.
 
@@ -211,8 +218,7 @@ def test_a_workdir_that_is_or_is_inside_a_file_is_one_line_and_the_file_is_untou
   existing.write_text('a user file\n')
   workdir = existing if where == 'a file' else existing / 'run'
   result = run_train('--config=configs/digits.py', f'--workdir={workdir}', f'--config.data_dir={tmp_path}')
-  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
+  last_line = error_line(result)
   assert last_line.startswith(f'error: --workdir={workdir} ') and 'give a folder' in last_line, last_line
   assert existing.read_text() == 'a user file\n' and sorted(os.listdir(tmp_path)) == ['notes.txt']
 
@@ -222,8 +228,7 @@ def test_a_workdir_that_cannot_be_written_is_one_line_before_any_data_work(tmp_p
   result = run_train(
     '--config=configs/digits.py', '--workdir=/proc/densenet_run', f'--config.data_dir={tmp_path}'
   )
-  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
+  last_line = error_line(result)
   assert last_line.startswith('error: --workdir=/proc/densenet_run cannot be written: /proc refuses'), (
     last_line
   )
@@ -253,8 +258,7 @@ def test_a_dataset_to_download_while_offline_is_one_line(tmp_path):
   result = run_train(
     '--config=configs/cifar10.py', f'--workdir={tmp_path / "run"}', f'--config.data_dir={data_dir}', env=env
   )
-  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
+  last_line = error_line(result)
   assert last_line.startswith(f'error: cifar10 is not prepared in {data_dir} and preparing it failed'), (
     last_line
   )
@@ -283,8 +287,7 @@ def test_init_from_weights_that_do_not_fit_is_one_line(tmp_path, digits_data_dir
     f'--config.data_dir={digits_data_dir}',
     f'--config.init_from={path}',
   )
-  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
+  last_line = error_line(result)
   assert last_line.startswith('error: ') and str(path) in last_line, last_line
   assert not workdir.exists()
 
@@ -304,8 +307,7 @@ def test_a_gs_workdir_that_cannot_be_used_is_one_line_before_any_data_or_model_w
   result = run_train(
     '--config=configs/digits.py', f'--workdir={workdir}', f'--config.data_dir={data_dir}', env=env
   )
-  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
+  last_line = error_line(result)
   expected = (
     "there is no bucket 'no-such-bucket'" if bucket_state == 'no such bucket' else 'cannot reach the workdir'
   )
