@@ -1,5 +1,6 @@
 """densenet-jax: DenseNet in JAX/Flax, numerically faithful to torchvision."""
 
+from densenet_jax import nnx as nnx  # The NNX modules: densenet_jax.nnx.DenseNet121(rngs=...).
 from densenet_jax.models import DenseBlock as DenseBlock
 from densenet_jax.models import DenseLayer as DenseLayer
 from densenet_jax.models import DenseNet as DenseNet
