@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import DATA, REPO, import_over_cpu_torch, max_relative_error, optional_module, section
 
+import densenet_jax
 from densenet_jax import PRETRAINED, StateDictError, weights
 
 REPO_ID = 'test-org/tiny-densenet.tv_in1k'
@@ -391,3 +392,61 @@ def test_eval_mode_of_a_pretrained_name_preprocesses_as_its_publisher_did(
   else:
     assert crops and set(crops) == {(40, config.eval_crop_fraction, 'bilinear')}
     assert 'as timm did' not in out
+
+
+NNX_LOGITS = f"""
+import sys
+sys.modules['torch'] = None  # any import of torch fails
+model = densenet_jax.nnx.pretrained(NAME)
+model.eval()
+images = np.load('{DATA}/tiny_densenet_torchvision.npz')['input_nchw'].transpose(0, 2, 3, 1)
+linen_model, variables = densenet_jax.pretrained(NAME)
+print(json.dumps({{
+  'nnx': np.asarray(model(images)).tolist(),
+  'linen': np.asarray(linen_model.apply(variables, images, train=False)).tolist(),
+  'type': type(model).__name__,
+}}))
+"""
+
+
+def test_nnx_pretrained_is_torch_free_cached_offline_and_equal_to_torchvision(tmp_path, hub, tiny_reference):
+  env = {'HF_ENDPOINT': hub.url, 'HF_HOME': str(tmp_path / 'hf')}
+  first = call(f"NAME = 'hf-hub:{REPO_ID}'" + NNX_LOGITS, env)
+  assert 'error' not in first, first.get('stderr', '')[-3000:]
+  assert first['type'] == 'DenseNet'
+  assert max_relative_error(first['nnx'], tiny_reference['logits_eval']) < 1e-5
+  assert first['nnx'] == first['linen']
+  hub.shutdown()
+  offline = call(f"NAME = 'hf-hub:{REPO_ID}'" + NNX_LOGITS, {**env, 'HF_HUB_OFFLINE': '1'})
+  assert 'error' not in offline, offline.get('stderr', '')[-3000:]
+  assert offline['nnx'] == first['nnx']
+
+
+@pytest.mark.slow  # a full-size DenseNet-121, saved and served
+def test_nnx_pretrained_densenet121_by_name(tmp_path):
+  """'densenet121' (torchvision's weights, in timm's repository; fresh ones here) into NNX."""
+  from safetensors.numpy import save
+
+  module = PRETRAINED['densenet121'].model()
+  variables = jax.jit(lambda key: module.init(key, np.zeros((1, 64, 64, 3), np.float32), train=False))(
+    jax.random.key(0)
+  )
+  state_dict = densenet_jax.to_torchvision(variables)
+  rng = np.random.default_rng(1)
+  for key in state_dict:  # Running averages other than 0 and 1, so that eval mode tests them.
+    if key.endswith('running_mean'):
+      state_dict[key] = rng.uniform(-0.5, 0.5, state_dict[key].shape).astype(np.float32)
+    elif key.endswith('running_var'):
+      state_dict[key] = rng.uniform(0.5, 1.5, state_dict[key].shape).astype(np.float32)
+  server = Hub({f'{PRETRAINED["densenet121"].repo_id}/model.safetensors': save(state_dict)})
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    result = call(
+      "NAME = 'densenet121'" + NNX_LOGITS, {'HF_ENDPOINT': server.url, 'HF_HOME': str(tmp_path / 'hf')}
+    )
+  finally:
+    server.shutdown()
+  assert 'error' not in result, result.get('stderr', '')[-3000:]
+  assert result['type'] == 'DenseNet'
+  assert np.all(np.isfinite(result['nnx'])) and np.std(result['nnx']) > 0
+  assert result['nnx'] == result['linen']
