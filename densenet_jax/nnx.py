@@ -43,7 +43,14 @@ def _linen_to_nnx_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
   return {'features': features, **({'classifier': tree['classifier']} if 'classifier' in tree else {})}
 
 
-def _nnx_to_linen_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+def to_linen_tree(tree: nnx.State | Mapping[str, Any]) -> dict[str, Any]:
+  """An NNX DenseNet's state (parameters, BatchNorm statistics, gradients) in the Linen layout.
+
+  For example `densenet_jax.to_torchvision({'params': to_linen_tree(grads)})` names gradients
+  by torchvision's keys.
+  """
+  if isinstance(tree, nnx.State):
+    tree = nnx.to_pure_dict(tree)
   return {**tree['features'], **({'classifier': tree['classifier']} if 'classifier' in tree else {})}
 
 
@@ -278,8 +285,8 @@ def to_linen(model: DenseNet) -> tuple[models.DenseNet, dict]:
     if num_classes != module.num_classes:
       module = module.clone(num_classes=num_classes)
   variables = {
-    'params': _nnx_to_linen_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
-    'batch_stats': _nnx_to_linen_tree(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))),
+    'params': to_linen_tree(nnx.state(model, nnx.Param)),
+    'batch_stats': to_linen_tree(nnx.state(model, nnx.BatchStat)),
   }
   return module, variables
 

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from flax.training import train_state
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import densenet_jax
+from densenet_jax import nnx as dnnx
 from densenet_jax.train import steps
 
 shard_map = getattr(jax, 'shard_map', None)
@@ -233,6 +235,65 @@ def flax_imagenet_style(kernels: str) -> dict[str, float]:
   }
 
 
+def nnx_across_devices(kernels: str, memory_efficient: bool) -> dict[str, dict[str, float]]:
+  """The NNX model (densenet_jax.nnx) on N devices against the Linen model on one."""
+  images, labels = data()
+  one = model_for(kernels, memory_efficient)
+  variables = variables_for(one, images)
+  expected = jax.jit(functools.partial(loss_and_grads, one))(variables, images, labels)
+  mesh = Mesh(np.asarray(jax.devices()), ('batch',))
+
+  def nnx_loss_and_grads(model, images, labels):
+    def loss_fn(model):
+      logits = model(images)  # Training mode: batch statistics, the running averages move.
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    grads, logits = nnx.grad(loss_fn, has_aux=True)(model)
+    return logits, nnx.state(model, nnx.BatchStat), grads
+
+  def as_linen(logits, batch_stats, grads):
+    return logits, dnnx.to_linen_tree(batch_stats), dnnx.to_linen_tree(grads)
+
+  results = {}
+  # nnx.jit over a Mesh: the model replicated, the batch sharded; XLA partitions the global batch.
+  model = dnnx.from_linen(one, variables)
+  replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('batch'))
+  nnx.update(model, jax.device_put(nnx.state(model), replicated))
+  sharded_images, sharded_labels = jax.device_put((images, labels), batch_sharded)
+  logits, batch_stats, grads = as_linen(*nnx.jit(nnx_loss_and_grads)(model, sharded_images, sharded_labels))
+  assert len(logits.sharding.device_set) == DEVICES
+  results['mesh'] = {
+    'logits': difference(logits, expected[0]),
+    'batch_stats': difference(batch_stats, expected[1]),
+    'grads': difference(grads, expected[2]),
+  }
+
+  # shard_map with axis_name: each device its images, BatchNorm's statistics over all of them.
+  shared = dnnx.from_linen(model_for(kernels, memory_efficient, axis_name='batch'), variables)
+  graphdef, state = nnx.split(shared)
+
+  def per_device(state, images, labels):
+    logits, batch_stats, grads = nnx_loss_and_grads(nnx.merge(graphdef, state), images, labels)
+    return logits, batch_stats, jax.lax.pmean(grads, 'batch')
+
+  mapped = jax.jit(
+    shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(P(), P('batch'), P('batch')),
+      out_specs=(P('batch'), P(), P()),
+      **({'check_vma': False} if hasattr(jax, 'shard_map') else {'check_rep': False}),
+    )
+  )
+  logits, batch_stats, grads = as_linen(*mapped(state, images, labels))
+  results['shard_map'] = {
+    'logits': difference(logits, expected[0]),
+    'batch_stats': difference(batch_stats, expected[1]),
+    'grads': difference(grads, expected[2]),
+  }
+  return results
+
+
 def main() -> None:
   assert DEVICES >= 2 and jax.config.jax_enable_x64, 'run with several devices and JAX_ENABLE_X64=1'
   results = {}
@@ -242,6 +303,10 @@ def main() -> None:
         kernels, memory_efficient
       )
     results[f'{kernels}-flax-imagenet-step'] = flax_imagenet_style(kernels)
+    for memory_efficient in (False, True):
+      results[f'{kernels}{"-memory-efficient" if memory_efficient else ""}-nnx'] = nnx_across_devices(
+        kernels, memory_efficient
+      )
   print(json.dumps(results))
 
 

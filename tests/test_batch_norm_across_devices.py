@@ -1,7 +1,8 @@
 """BatchNorm across devices (`axis_name`): N devices of B/N images equal one device of B images.
 
 The checks run in one subprocess with 4 CPU devices and float64 (tests/across_devices.py), for
-every kernel set, with and without `memory_efficient`, under `jax.pmap` and `jax.shard_map`.
+every kernel set, with and without `memory_efficient`, under `jax.pmap` and `jax.shard_map`, for
+the Linen and the NNX model (`densenet_jax.nnx`, also sharded over a `Mesh` with `nnx.jit`).
 """
 
 import json
@@ -84,3 +85,18 @@ def test_a_flax_imagenet_style_pmap_step_trains_like_our_jit_step(results, kerne
   assert measured['params'] < 1e-6
   assert measured['batch_stats'] < 1e-6
   assert measured['batch_stats_spread'] == 0.0  # Every device holds the same running averages.
+
+
+@pytest.mark.parametrize('memory_efficient', [False, True], ids=['plain', 'memory-efficient'])
+@pytest.mark.parametrize('kernels', KERNELS)
+@pytest.mark.parametrize('mapping', ['mesh', 'shard_map'])
+def test_nnx_model_across_devices_equals_one_device_on_the_global_batch(
+  results, kernels, memory_efficient, mapping
+):
+  """densenet_jax.nnx: over a Mesh with nnx.jit (a sharded batch), or under shard_map with axis_name
+  (nnx.split / nnx.merge), the logits, running averages and gradients of the Linen model on one device."""
+  measured = results[kernels + ('-memory-efficient' if memory_efficient else '') + '-nnx'][mapping]
+  print(mapping, kernels, memory_efficient, measured)
+  assert measured['logits'] < 1e-12
+  assert measured['batch_stats'] < 1e-12
+  assert measured['grads'] < 1e-10  # Summed in another order, as for Linen.

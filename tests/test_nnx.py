@@ -103,12 +103,6 @@ def test_variants_hold_the_linen_models_variables(nnx_class, linen_module):
   assert dnnx.to_linen(model)[0] == linen_module
 
 
-def state_as_linen(state) -> dict:
-  """An NNX State (gradients, say) in Linen's layout."""
-  tree = nnx.to_pure_dict(state)
-  return {**tree['features'], 'classifier': tree['classifier']}
-
-
 @pytest.mark.parametrize('memory_efficient', [False, True], ids=['plain', 'memory_efficient'])
 @pytest.mark.parametrize('kernels', KERNELS)
 def test_nnx_equals_linen_in_float64(kernels, memory_efficient):
@@ -150,7 +144,7 @@ def test_nnx_equals_linen_in_float64(kernels, memory_efficient):
 
     grads, logits = nnx_grads(model)
     np.testing.assert_array_equal(logits, linen_logits)
-    jax.tree.map(np.testing.assert_array_equal, state_as_linen(grads), linen_grads)
+    jax.tree.map(np.testing.assert_array_equal, dnnx.to_linen_tree(grads), linen_grads)
     _, trained = dnnx.to_linen(model)
     jax.tree.map(np.testing.assert_array_equal, trained['batch_stats'], linen_updates['batch_stats'])
     assert not np.allclose(trained['batch_stats']['norm5']['mean'], variables['batch_stats']['norm5']['mean'])
