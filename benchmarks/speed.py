@@ -3,6 +3,7 @@
   python benchmarks/speed.py                       # DenseNet-121, batch 16, 224x224, fp32
   python benchmarks/speed.py --model densenet_bc_100 --batch 64 --size 32
   python benchmarks/speed.py --sides densenet-jax --rounds 1 --profile 25   # where a train step goes
+  python benchmarks/speed.py --sides densenet-jax,densenet-jax-nnx,densenet-jax-nnx-graph  # NNX / Linen
 
 Each side runs in its own process, the sides alternate over `--rounds`, and every figure is
 the median over rounds of the median step time after warm-up. A train step is forward,
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 MODELS = {
   # name: (growth_rate, block_config, num_init_features, stem, num_classes)
@@ -110,7 +112,8 @@ def jax_worker(args) -> dict:
       num_init_features=init,
       stem=stem,
       num_classes=classes,
-      memory_efficient=args.side == 'densenet-jax-memory-efficient',
+      memory_efficient=args.side
+      == 'densenet-jax-memory-efficient',  # 'densenet-jax-nnx': the same Linen model, run through NNX.
     )
   images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
   labels = jax.random.randint(jax.random.key(1), (args.batch,), 0, classes)
@@ -147,10 +150,18 @@ def jax_worker(args) -> dict:
     holder[0] = train(holder[0], images, labels)
     jax.block_until_ready(holder[0])
 
+  def run_eval():
+    evaluate(variables, images).block_until_ready()
+
+  if args.side.startswith('densenet-jax-nnx'):
+    nnx_train, run_train, run_eval, compile_seconds = nnx_steps(
+      model, variables, tx, images, labels, tree_mode=args.side == 'densenet-jax-nnx'
+    )
+    del train, evaluate, state, holder  # The Linen step gave its cost analysis only.
   train_seconds = median_seconds(run_train, args.warmup, args.steps)
-  eval_seconds = median_seconds(
-    lambda: evaluate(variables, images).block_until_ready(), args.warmup, args.eval_steps
-  )
+  eval_seconds = median_seconds(run_eval, args.warmup, args.eval_steps)
+  if args.side.startswith('densenet-jax-nnx'):
+    train = nnx_train
   cost = train.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   device = jax.devices()[0]
@@ -175,6 +186,57 @@ def jax_worker(args) -> dict:
     'device': f'{device.platform}:{device.device_kind}',
     **profile,
   }
+
+
+def nnx_steps(module, variables, tx, images, labels, tree_mode: bool):
+  """The NNX model (densenet_jax.nnx) with the same weights, trained and evaluated as README's NNX loop.
+
+  `nnx.Optimizer` and `nnx.jit`, in tree mode (`graph=False`) or in graph mode, flax 0.12's default
+  (side 'densenet-jax-nnx-graph'), whose traversal of the object graph in Python on every call
+  Flax's performance guide describes; the model and optimizer donated as the Linen side donates its
+  state; the compile time is that of `nnx.jit(...).lower(...).compile()`, as the Linen side's.
+
+  Returns:
+    (the compiled train step, run_train, run_eval, compile seconds).
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from densenet_jax import nnx as dnnx
+
+  model = dnnx.from_linen(module, jax.tree.map(jnp.copy, variables))  # Training mode.
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  eval_model = dnnx.from_linen(module, variables, use_running_average=True)
+
+  # Tree mode (graph=False): the model as a pytree, without graph mode's per-call Python traversal.
+  jit = partial(nnx.jit, graph=not tree_mode)
+
+  @jit(donate_argnums=(0, 1))
+  def train_step(model, optimizer, images, labels):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
+
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+
+  eval_step = jit(lambda model, images: model(images))
+
+  start = time.perf_counter()
+  compiled = train_step.lower(model, optimizer, images, labels).compile()
+  compile_seconds = time.perf_counter() - start
+  compiled = getattr(
+    compiled, 'compiled', compiled
+  )  # NNX's wrapper around jax's Compiled, where there is one.
+
+  def run_train():
+    train_step(model, optimizer, images, labels)
+    jax.block_until_ready(nnx.state(model))
+
+  def run_eval():
+    eval_step(eval_model, images).block_until_ready()
+
+  return compiled, run_train, run_eval, compile_seconds
 
 
 def torch_worker(args) -> dict:
@@ -315,6 +377,13 @@ def main() -> None:
     peak = next((v for k, v in PEAK_FLOPS.items() if k in m['device']), None)
     if peak and gflop:
       print(f'{"":<32}model FLOP utilization {100 * train_gflops * 1e9 / peak:.1f}% of {m["device"]}')
+  for nnx_side in [s for s in summary if s.startswith('densenet-jax-nnx') and 'densenet-jax' in summary]:
+    nnx, linen = summary[nnx_side], summary['densenet-jax']
+    print(
+      f'{nnx_side} / densenet-jax (NNX / Linen): train {nnx["train_img_s"] / linen["train_img_s"]:.3f}x, '
+      f'eval {nnx["eval_img_s"] / linen["eval_img_s"]:.3f}x, '
+      f'compile time {nnx["compile_s"] / linen["compile_s"]:.3f}x'
+    )
   for ours in [s for s in summary if s.startswith('densenet-jax')]:
     for other in [s for s in summary if not s.startswith('densenet-jax')]:
       print(

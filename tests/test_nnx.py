@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import KERNELS, PRESETS, enable_x64, max_relative_error, section
+from conftest import KERNELS, PRESETS, REPO, enable_x64, max_relative_error, section
 from flax import nnx, traverse_util
 
 import densenet_jax
@@ -73,6 +73,10 @@ def test_densenet121_has_torchvisions_names_and_shapes(torchvision_reference):
 @pytest.mark.parametrize('name', ['densenet161', 'densenet169', 'densenet201', 'densenet264'])
 def test_presets_have_torchvisions_names_and_shapes(name, torchvision_reference):
   check_torchvision_structure(name, torchvision_reference)
+
+
+def iter_batch_norms(model: dnnx.DenseNet) -> list[nnx.BatchNorm]:
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
 
 
 def linen_shapes(module: densenet_jax.DenseNet, in_features: int = 3) -> dict:
@@ -201,7 +205,7 @@ def test_train_and_eval_switch_batch_norm_and_dropout_as_nnx_layers_do():
   model = dnnx.DenseNet(**TINY, drop_rate=0.5, rngs=nnx.Rngs(params=0, dropout=1))
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   module, variables = dnnx.to_linen(model)
-  norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+  norms = iter_batch_norms(model)
   assert not model.use_running_average and not model.deterministic
   assert not any(norm.use_running_average for norm in norms)
 
@@ -327,3 +331,31 @@ def test_variables_of_another_network_are_one_line_naming_the_problem():
   assert '\n' not in message
   assert re.search(r'params do not fit this NNX DenseNet: missing .*denselayer3', message), message
   assert 'config_from_variables' in message
+
+
+def readme_nnx_loop() -> str:
+  """The README's NNX training loop: the python block of "## Use" that builds `densenet_jax.nnx`."""
+  use = (REPO / 'README.md').read_text().split('\n## Use\n', 1)[1].split('\n## ', 1)[0]
+  (block,) = [b for b in re.findall(r'```python\n(.*?)```', use, re.S) if 'densenet_jax.nnx.' in b]
+  return block
+
+
+@pytest.mark.slow  # DenseNet-121 at 224x224: its train step compiles for about a minute.
+def test_the_readme_nnx_loop_runs_as_written_and_trains():
+  code = readme_nnx_loop()
+  assert len(code.splitlines()) <= 20
+  namespace = {}
+  exec(compile(code, 'README.md', 'exec'), namespace)
+  model, optimizer = namespace['model'], namespace['optimizer']
+  assert np.isfinite(namespace['loss']) and int(optimizer.step[...]) == 1
+  assert model.use_running_average and all(norm.use_running_average for norm in iter_batch_norms(model))
+  # The step moved the weights and the running averages, and evaluation reads them.
+  fresh = dnnx.DenseNet121(num_classes=10, rngs=nnx.Rngs(0))
+  assert not np.array_equal(model.classifier.kernel[...], fresh.classifier.kernel[...])
+  assert not np.array_equal(model.features.norm5.mean[...], fresh.features.norm5.mean[...])
+  images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  module, variables = dnnx.to_linen(model)
+  np.testing.assert_array_equal(
+    nnx.jit(lambda model: model(images))(model),
+    jax.jit(lambda variables: module.apply(variables, images, train=False))(variables),
+  )
