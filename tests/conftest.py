@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import densenet_jax
@@ -102,6 +103,20 @@ def max_relative_error(actual, expected) -> float:
   """max |actual - expected| / max |expected| (the issues' 'relative')."""
   expected = np.asarray(expected, np.float64)
   return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def train_step_outputs(model, variables, images, labels):
+  """loss, logits, batch_stats updates and gradients of one jitted train-mode forward/backward
+  of a Linen DenseNet (mean cross-entropy over integer labels)."""
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']}, images, train=True, mutable=['batch_stats']
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
+  return loss, logits, updates['batch_stats'], grads
 
 
 @pytest.fixture(scope='session')

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import BATCH_NORMS, KERNELS, enable_x64, max_relative_error, section
+from conftest import BATCH_NORMS, KERNELS, enable_x64, max_relative_error, section, train_step_outputs
 
 from densenet_jax import from_torchvision, to_torchvision
 
@@ -30,19 +30,6 @@ def ported(tiny_model, tiny_reference):
 @pytest.fixture(scope='module')
 def images(tiny_reference):
   return jnp.asarray(tiny_reference['input_nchw'].transpose(0, 2, 3, 1))  # NCHW -> NHWC
-
-
-def train_step_outputs(model, variables, images, labels):
-  """loss, logits, batch_stats updates and gradients of one train-mode forward/backward."""
-
-  def loss_fn(params):
-    logits, updates = model.apply(
-      {'params': params, 'batch_stats': variables['batch_stats']}, images, train=True, mutable=['batch_stats']
-    )
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-  return loss, logits, updates['batch_stats'], grads
 
 
 def test_eval_logits_equal_torchvision(tiny_model, ported, images, tiny_reference):

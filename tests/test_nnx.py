@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import KERNELS, PRESETS, REPO, enable_x64, max_relative_error, section
+from conftest import KERNELS, PRESETS, REPO, enable_x64, max_relative_error, section, train_step_outputs
 from flax import nnx, traverse_util
 
 import densenet_jax
@@ -125,18 +125,7 @@ def test_nnx_equals_linen_in_float64(kernels, memory_efficient):
     module, variables = dnnx.to_linen(model)
     assert module.kernels == kernels and module.memory_efficient == memory_efficient
 
-    def linen_loss(params):
-      logits, updates = module.apply(
-        {'params': params, 'batch_stats': variables['batch_stats']},
-        images,
-        train=True,
-        mutable=['batch_stats'],
-      )
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
-
-    (_, (linen_logits, linen_updates)), linen_grads = jax.jit(jax.value_and_grad(linen_loss, has_aux=True))(
-      variables['params']
-    )
+    _, linen_logits, linen_stats, linen_grads = train_step_outputs(module, variables, images, labels)
 
     @nnx.jit
     def nnx_grads(model):
@@ -150,7 +139,7 @@ def test_nnx_equals_linen_in_float64(kernels, memory_efficient):
     np.testing.assert_array_equal(logits, linen_logits)
     jax.tree.map(np.testing.assert_array_equal, dnnx.to_linen_tree(grads), linen_grads)
     _, trained = dnnx.to_linen(model)
-    jax.tree.map(np.testing.assert_array_equal, trained['batch_stats'], linen_updates['batch_stats'])
+    jax.tree.map(np.testing.assert_array_equal, trained['batch_stats'], linen_stats)
     assert not np.allclose(trained['batch_stats']['norm5']['mean'], variables['batch_stats']['norm5']['mean'])
 
     model.eval()
